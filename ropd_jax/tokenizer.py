@@ -7,7 +7,7 @@ few bucketed lengths (so jitted code sees few shapes); decoding that stops at th
     tok = load_tokenizer(assets.smollm2_gguf_path())        # or an HF tokenizer directory
     prompt = tok.apply_chat(("You are terse.", "What is 7*8?"))
     ids_bt, lengths_b = tok.encode_batch([prompt, ...], side="left")
-    texts = tok.decode_batch(ids_bt, lengths_b)
+    texts = tok.decode_batch(response_ids_bt)                 # each stops at <|im_end|>
 """
 from __future__ import annotations
 
