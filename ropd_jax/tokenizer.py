@@ -31,9 +31,9 @@ except ModuleNotFoundError as e:
     raise
 
   def strip_reasoning(text: str) -> str:
-    """The text after the last `</think>`; the whole text when there is none or nothing follows it."""
+    """The text after the last `</think>`, stripped; the whole text when there is none or nothing follows."""
     _, sep, after = text.rpartition("</think>")
-    return after if sep and after.strip() else text
+    return after.strip() if sep and after.strip() else text
 
 
 text_after_think = strip_reasoning

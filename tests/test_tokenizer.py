@@ -6,6 +6,8 @@ fixture made by transformers (tests/fixtures/make_smollm2_tokenizer_golden.py).
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -270,9 +272,30 @@ def test_decode_batch_right_and_left_padding(tiny):
 
 
 def test_text_after_think():
-  assert T.text_after_think("<think>a</think>b</think> final") == " final"
+  if importlib.util.find_spec("ropd_jax.rewards") is not None:  # rewards.py owns the rule when present
+    from ropd_jax import rewards
+    assert T.text_after_think is rewards.strip_reasoning
+  assert T.text_after_think("<think>a</think>b</think> final\n") == "final"
   assert T.text_after_think("no reasoning here") == "no reasoning here"
   assert T.text_after_think("<think>only reasoning</think>  \n") == "<think>only reasoning</think>  \n"
+
+
+def test_text_after_think_fallback_without_rewards_module():
+  """On a checkout without rewards.py the tokenizer's own rule gives the same answers."""
+  code = (
+      "import importlib.abc, sys\n"
+      "class Block(importlib.abc.MetaPathFinder):\n"
+      "  def find_spec(self, name, path, target=None):\n"
+      "    if name == 'ropd_jax.rewards': raise ModuleNotFoundError(name=name)\n"
+      "sys.meta_path.insert(0, Block())\n"
+      "from ropd_jax import tokenizer as T\n"
+      "assert T.text_after_think.__module__ == 'ropd_jax.tokenizer'\n"
+      "assert T.text_after_think('<think>a</think>b</think> final\\n') == 'final'\n"
+      "assert T.text_after_think('plain') == 'plain'\n"
+      "assert T.text_after_think('<think>x</think> ') == '<think>x</think> '\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2
