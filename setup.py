@@ -28,7 +28,7 @@ setup(
     packages=find_packages(include=["ropd_jax", "ropd_jax.*"]),
     package_data={"ropd_jax": ["assets/*", "assets/**/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
