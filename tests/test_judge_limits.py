@@ -28,6 +28,23 @@ def test_token_bucket_rate_burst_and_oversized_requests():
   assert b.tokens == 4.0                                             # never above capacity
 
 
+@pytest.mark.parametrize("quota, burst_s", [(600, 10.0), (60, 1.0), (1000, 30.0)])
+def test_per_minute_bucket_never_exceeds_quota_in_any_minute(quota, burst_s):
+  bucket = limits.per_minute_bucket(quota, burst_s, now=0.0)
+  assert bucket.capacity == pytest.approx(max(1.0, quota * burst_s / 60))
+  times, t = [], 0.0
+  while t < 180.0:                                                   # a greedy client, polling every 10 ms
+    while bucket.wait_time(1, t) == 0.0:
+      bucket.take(1, t)
+      times.append(t)
+    t = round(t + 0.01, 2)
+  for i, start in enumerate(times):
+    in_window = sum(1 for x in times[i:] if x < start + 60.0)
+    assert in_window <= quota
+  # ...and the quota is used: the burst, then (60 - burst_s)/60 of the quota per minute.
+  assert len(times) >= bucket.capacity + bucket.rate_per_s * 179.99 - 1
+
+
 def test_breaker_opens_on_consecutive_errors_then_half_opens_and_closes():
   br = limits.CircuitBreaker(consecutive=3, window=10, error_rate=0.9, cooldown_s=5.0, probes=2)
   for _ in range(2):
@@ -91,8 +108,8 @@ def test_gate_cancelled_waiter_leaves_no_trace_and_rpm_waits():
   clock = Clock()
 
   async def run():
-    gate = limits.EndpointGate(concurrency=5, rpm=60, tpm=10**9,     # 1 request/s, burst 1
-                               breaker=limits.CircuitBreaker(10, 10, 1.0, 1.0), clock=clock)
+    gate = limits.EndpointGate(concurrency=5, rpm=60, tpm=10**9,     # burst 1, then 59/60 per s
+                               breaker=limits.CircuitBreaker(10, 10, 1.0, 1.0), burst_s=1.0, clock=clock)
     await gate.acquire(0, 1)
     waiter = asyncio.create_task(gate.acquire(0, 1))
     await asyncio.sleep(0.01)
@@ -101,7 +118,7 @@ def test_gate_cancelled_waiter_leaves_no_trace_and_rpm_waits():
     with pytest.raises(asyncio.CancelledError):
       await waiter
     assert gate.queued == 0 and gate.in_flight == 1
-    clock.t += 1.0
+    clock.t += 1.1
     await asyncio.wait_for(gate.acquire(0, 1), 1.0)                  # refilled: admitted at once
     return gate.in_flight
 

@@ -99,6 +99,15 @@ def _gemini_retry_delay(details: Any) -> float | None:
   return None
 
 
+def _without_keys(schema: Any, drop: set[str]) -> Any:
+  """The schema without keywords some Gemini endpoints reject; our own validator enforces them anyway."""
+  if isinstance(schema, dict):
+    return {k: _without_keys(v, drop) for k, v in schema.items() if k not in drop}
+  if isinstance(schema, list):
+    return [_without_keys(v, drop) for v in schema]
+  return schema
+
+
 def _http_client_module():
   """httpx, or its drop-in fork httpx2 that recent google-genai releases depend on."""
   try:
@@ -176,7 +185,8 @@ class GeminiBackend(Backend):
                   max_output_tokens=self.rc.max_output_tokens, seed=request.seed,
                   system_instruction=system or None)
     if request.json_schema is not None:
-      kwargs.update(response_mime_type="application/json", response_json_schema=request.json_schema)
+      kwargs.update(response_mime_type="application/json",
+                    response_json_schema=_without_keys(request.json_schema, {"additionalProperties"}))
     if self.rc.thinking_budget >= 0:
       kwargs["thinking_config"] = types.ThinkingConfig(thinking_budget=self.rc.thinking_budget)
     return types.GenerateContentConfig(**kwargs)

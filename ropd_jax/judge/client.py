@@ -123,7 +123,7 @@ class Judge:
                                       c.breaker_cooldown_s)
       self._gates[key] = limits.EndpointGate(
           concurrency=min(rc.concurrency for rc in rcs), rpm=min(rc.rpm for rc in rcs),
-          tpm=min(rc.tpm for rc in rcs), breaker=breaker, clock=self.clock)
+          tpm=min(rc.tpm for rc in rcs), breaker=breaker, burst_s=c.limits_burst_s, clock=self.clock)
     return self._gates[key]
 
   async def aclose(self) -> None:

@@ -43,7 +43,7 @@ def role_config(*, temperature: float, max_output_tokens: int, timeout_s: float)
   c.retries = 3                  # transport retries per call (429, 5xx, timeouts, connection errors)
   c.quality_retries = 2          # retries per call after parse/schema/validation errors, with a corrective note
   c.concurrency = 32             # max requests in flight to this role's endpoint
-  c.rpm = 1000                   # requests per minute to this role's endpoint (token bucket, 1 s burst)
+  c.rpm = 1000                   # requests per minute to this role's endpoint (see judge.limits_burst_s)
   c.tpm = 4_000_000              # tokens per minute (prompt chars/4 + max_output_tokens, corrected by usage)
   c.base_url = ""                # endpoint override; "" = SDK default (Gemini also honours GOOGLE_GEMINI_BASE_URL)
   c.api_key_env = ""             # env var holding the key; "" = GEMINI_API_KEY/GOOGLE_API_KEY or OPENAI_API_KEY
@@ -72,6 +72,9 @@ def judge_config() -> ml_collections.ConfigDict:
   c.max_groups_in_flight = 256    # groups scored concurrently by one score_groups call
   c.verifier_first = True         # queued verifier requests go before new rubric requests (finishes groups first)
   c.call_deadline_s = 900.0       # hard deadline of one logical call (queueing + all retries)
+  c.limits_burst_s = 5.0          # rpm/tpm buckets allow this many seconds of quota at once and refill the
+                                  # rest evenly, so no 60 s window exceeds rpm/tpm (steady rate: (60-b)/60 of it);
+                                  # tokens are estimated as prompt chars/4 + max_output_tokens, then corrected
 
   c.backoff_initial_s = 1.0       # first transport-retry delay (doubles each retry, +-50% jitter)
   c.backoff_max_s = 30.0          # cap of one retry delay
@@ -123,6 +126,8 @@ def validate_judge_config(cfg: ml_collections.ConfigDict, roles: tuple[str, ...]
         "judge.rubricator.backend=offline too, or use an LLM verifier")
   if judge.max_answer_chars < 200:
     raise JudgeConfigError(f"judge.max_answer_chars={judge.max_answer_chars} is too small (>= 200)")
+  if not 0 < judge.limits_burst_s < 60:
+    raise JudgeConfigError(f"judge.limits_burst_s={judge.limits_burst_s} must be in (0, 60) seconds")
   if judge.verifier_chunk_size < 0:
     raise JudgeConfigError("judge.verifier_chunk_size must be >= 0 (0 = automatic)")
 

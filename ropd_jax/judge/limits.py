@@ -47,6 +47,13 @@ class TokenBucket:
     self.tokens = min(self.capacity, self.tokens + amount)
 
 
+def per_minute_bucket(per_minute: float, burst_s: float, now: float) -> TokenBucket:
+  """A bucket that never lets more than `per_minute` through in any 60 s window: a burst of `burst_s`
+  seconds' worth up front, and the rest of the quota refilled evenly over the minute."""
+  capacity = max(1.0, per_minute * min(burst_s, 59.0) / 60.0)
+  return TokenBucket(max(per_minute - capacity, 1e-9) / 60.0, capacity, now)
+
+
 class CircuitBreaker:
   """closed -> open after `consecutive` transport errors in a row or an error fraction >= `error_rate`
   over the last `window` outcomes; open -> half_open after `cooldown_s`; half_open admits `probes`
@@ -110,13 +117,12 @@ class EndpointGate:
   """Admits requests in (priority, arrival) order when concurrency, rpm, tpm and the breaker all allow."""
 
   def __init__(self, *, concurrency: int, rpm: float, tpm: float, breaker: CircuitBreaker,
-               clock: Callable[[], float] = time.monotonic):
+               burst_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
     self.concurrency = int(concurrency)
     self.clock = clock
     now = clock()
-    # Burst of one second's worth (at least one request), as in a classic per-second smoothing bucket.
-    self.rpm = TokenBucket(rpm / 60.0, max(1.0, rpm / 60.0), now)
-    self.tpm = TokenBucket(tpm / 60.0, max(1.0, tpm / 60.0), now)
+    self.rpm = per_minute_bucket(rpm, burst_s, now)
+    self.tpm = per_minute_bucket(tpm, burst_s, now)
     self.breaker = breaker
     self.in_flight = 0
     self.max_in_flight_seen = 0
