@@ -222,8 +222,9 @@ def import_references(rows: Iterable[dict], path: str | None = None) -> TeacherI
     entry = by_hash.setdefault(key, {"prompt_hash": key, "prompt": _prompt_field(row), "answers": []})
     if ref not in entry["answers"]:
       entry["answers"].append(ref)
-    if row.get("uid") is not None:
-      entry["uid"] = row["uid"]
+    uid = row.get("uid", row.get("id"))
+    if uid is not None:
+      entry["uid"] = uid
   index = TeacherIndex(_header({"source": "references"}, 1), by_hash, m=1)
   index.m = max((len(r["answers"]) for r in by_hash.values()), default=1)
   if path:
@@ -339,8 +340,9 @@ async def build_async(cfg, prompts: Iterable[Any], *, judge=None, limit: int | N
         stats["errors"].append({"prompt_hash": prompt_hash(prompt), "errors": errors[-1:]})
       else:
         row = {"prompt_hash": prompt_hash(prompt), "prompt": _prompt_field(prompt), "answers": answers}
-        if isinstance(prompt, dict) and prompt.get("uid") is not None:
-          row["uid"] = prompt["uid"]
+        uid = prompt.get("uid", prompt.get("id")) if isinstance(prompt, dict) else None
+        if uid is not None:
+          row["uid"] = uid
         out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
         out.flush()
         done[row["prompt_hash"]] = row
