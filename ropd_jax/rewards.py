@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import math
 import threading
+import weakref
 from typing import Any, Iterable, Sequence
 
 from ropd_jax.judge import backends
@@ -320,15 +321,22 @@ class JudgeRunner:
     self.close()
 
 
-_RUNNERS: dict[int, JudgeRunner] = {}
-_RUNNERS_LOCK = threading.Lock()
+_RUNNER_LOCK = threading.Lock()
+
+
+def runner_for(judge: client_lib.Judge) -> JudgeRunner:
+  """The judge's own long-lived runner (created on first use; its loop stops when the judge is collected)."""
+  with _RUNNER_LOCK:
+    runner = getattr(judge, "_runner", None)
+    if runner is None:
+      runner = JudgeRunner(judge)
+      judge._runner = runner  # pylint: disable=protected-access
+      loop = runner._loop  # pylint: disable=protected-access
+      weakref.finalize(judge, loop.call_soon_threadsafe, loop.stop)
+    return runner
 
 
 def score_groups_sync(groups: Sequence[Group | dict], judge: client_lib.Judge,
                       max_in_flight: int | None = None) -> list[GroupResult]:
-  """Blocking wrapper over score_groups, on a runner kept per judge (limits persist across steps)."""
-  with _RUNNERS_LOCK:
-    runner = _RUNNERS.get(id(judge))
-    if runner is None or runner.judge is not judge:
-      runner = _RUNNERS[id(judge)] = JudgeRunner(judge)
-  return runner.submit(groups, max_in_flight).result()
+  """Blocking wrapper over score_groups, on the judge's runner (limits and connections persist across steps)."""
+  return runner_for(judge).submit(groups, max_in_flight).result()

@@ -138,7 +138,7 @@ def test_requests_per_minute_measured_by_server():
   rate = (rpm - burst) / 60
   for i in range(len(starts)):
     for j in range(i + 1, len(starts)):
-      assert j - i + 1 <= burst + rate * (starts[j] - starts[i]) + 1.0  # +1: one token of timer slack
+      assert j - i + 1 <= burst + rate * (starts[j] - starts[i]) + 2  # +2: timer and network jitter
   assert starts[-1] - starts[0] >= (30 - burst) / rate * 0.9
 
 

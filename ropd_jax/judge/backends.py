@@ -145,6 +145,9 @@ class Backend:
   def endpoint_key(self) -> tuple:
     return (self.name, self.rc.base_url, self.model_id)
 
+  async def ready(self) -> None:
+    """Build clients before a request is admitted, so slow SDK start-up never bunches admitted requests."""
+
   async def generate(self, request: Request) -> Reply:
     raise NotImplementedError
 
@@ -160,6 +163,17 @@ class GeminiBackend(Backend):
   def __init__(self, role: str, rc):
     super().__init__(role, rc)
     self._client = None
+    self._client_lock = None
+
+  async def ready(self) -> None:
+    if self._client is not None:
+      return
+    if self._client_lock is None:
+      self._client_lock = asyncio.Lock()
+    async with self._client_lock:
+      if self._client is None:
+        # The SDK's import and client set-up take ~1 s: keep them off the event loop.
+        self._client = await asyncio.to_thread(self._make_client)
 
   @property
   def endpoint_key(self) -> tuple:
@@ -193,8 +207,7 @@ class GeminiBackend(Backend):
 
   async def generate(self, request: Request) -> Reply:
     from google.genai import errors  # pylint: disable=import-outside-toplevel
-    if self._client is None:
-      self._client = self._make_client()
+    await self.ready()
     contents = [{"role": "model" if m["role"] == "assistant" else "user", "parts": [{"text": m["content"]}]}
                 for m in request.messages if m["role"] != "system"]
     try:
@@ -274,11 +287,14 @@ class OpenAIBackend(Backend):
         body["response_format"] = {"type": "json_object"}
     return body
 
-  async def generate(self, request: Request) -> Reply:
-    httpx = _http_client_module()
+  async def ready(self) -> None:
     if self._http is None:
+      httpx = _http_client_module()
       self._http = httpx.AsyncClient(timeout=self.rc.timeout_s + 5, limits=httpx.Limits(
           max_connections=self.rc.concurrency, max_keepalive_connections=self.rc.concurrency))
+
+  async def generate(self, request: Request) -> Reply:
+    await self.ready()
     headers = {"Content-Type": "application/json"}
     key = config_lib.resolve_api_key(self.rc)
     if key:

@@ -242,6 +242,8 @@ class Judge:
     prompt_chars = sum(len(m["content"]) for m in request.messages)
     estimate = prompt_chars / 4 + rc.max_output_tokens
     priority = limits.PRIORITY[request.role] if self.cfg.verifier_first else 1
+    if hasattr(backend, "ready"):
+      await backend.ready()
     await gate.acquire(priority, estimate)
     outcome, correction = None, 0.0
     try:
