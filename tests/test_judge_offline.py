@@ -1,7 +1,10 @@
 """The offline stand-in judge: a hand-computed rubric, determinism, and a committed GSM8K-style set where
 correct, well-formed answers must outscore wrong and malformed ones."""
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -53,7 +56,7 @@ def test_generic_rubric_for_questions_without_numeric_answer():
   students = ["The sky is blue because it reflects the ocean.", "blue blue blue"]
   rubric = schema.validate_rubric(offline.rubricate(q, teachers, students))
   assert 4 <= len(rubric.criteria) <= 12
-  assert any("scattering" in c.criterion for c in rubric.criteria)
+  assert any("'rayleigh'" in c.criterion for c in rubric.criteria)
   scores = [schema.score(tuple(a["judgement"]), rubric.points)
             for a in offline.verify(q, rubric.to_json(), teachers + students)["answers"]]
   assert min(scores[:2]) > max(scores[2:])
@@ -85,6 +88,18 @@ def test_offline_judge_is_deterministic_and_cached(tmp_path):
   for x, y, z in zip(a, b, c):
     assert x.rubric == y.rubric == z.rubric and x.verdicts == y.verdicts == z.verdicts
     assert y.usage["total"]["cache_hits"] == 2 and y.usage["total"]["requests"] == 0
+
+
+def test_offline_judge_is_identical_across_processes():
+  """No set/hash iteration order may leak into rubrics (PYTHONHASHSEED differs between processes)."""
+  code = ("import json, sys; from ropd_jax.judge import offline; rows = [json.loads(l) for l in open(sys.argv[1])]; "
+          "print(json.dumps([offline.rubricate(r['question'], r['teacher_answers'], r['student_answers']) "
+          "for r in rows] + [offline.rubricate('Explain why the sky is blue.', ['Rayleigh scattering by air "
+          "molecules favours short blue wavelengths.', 'Air molecules scatter blue light: Rayleigh scattering.'], "
+          "['It reflects the sea.'])]))")
+  outs = {subprocess.run([sys.executable, "-c", code, str(FIXTURE)], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2, 3)}
+  assert len(outs) == 1
 
 
 def test_teacher_role_offline_is_a_typed_error():

@@ -203,13 +203,14 @@ def _consensus_final(references: list[str], reference_answer: str | None) -> Fra
 _RESULT_RE = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)|<<[^<>]*=\s*(-?\d[\d,]*(?:\.\d+)?)>>")
 
 
-def _results(text: str) -> set[Fraction]:
-  out = set()
+def _results(text: str) -> list[Fraction]:
+  """Values the text computes ("= 24", "<<48/2=24>>"), each once, in order of appearance."""
+  out = {}
   for m in _RESULT_RE.finditer(text):
     value = math_answer.parse_number(m.group(1) or m.group(2))
     if value is not None:
-      out.add(value)
-  return out
+      out.setdefault(value, None)
+  return list(out)
 
 
 def _intermediates(question: str, references: list[str], final: Fraction) -> list[str]:
@@ -246,7 +247,7 @@ def _key_terms(question: str, references: list[str]) -> list[str]:
   counts = collections.Counter()
   order = {}
   for ref in references:
-    for w in set(re.findall(r"[a-z]{5,}", ref.lower())):
+    for w in dict.fromkeys(re.findall(r"[a-z]{5,}", ref.lower())):   # first-appearance order: deterministic
       if w not in _STOPWORDS and w not in q_words:
         counts[w] += 1
         order.setdefault(w, len(order))
