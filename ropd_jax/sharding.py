@@ -1,0 +1,188 @@
+"""Device mesh and parameter partitioning, driven by config data.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel whose params and optimizer state are sharded),
+`tensor` (tensor parallel: attention heads, MLP hidden, vocab). The batch is split over (`data`, `fsdp`).
+
+Partition rules are data: `(regex on the param path, spec)` pairs, first match wins. A spec has one entry per
+dimension (a mesh axis name, a tuple of axis names, or None); a spec shorter than the parameter is padded with
+None on the left, so one rule covers `layers/q` [L, D, H*E] and `layers/q_bias` [L, H*E] alike. User rules
+(`mesh.rules`) are tried before the defaults and must each match some parameter; the defaults may match
+nothing (a tied model has no `lm_head`). After the rule, `fsdp` goes on the largest dimension the rule left
+free that the fsdp size divides (never the stacked-layer axis, which `lax.scan` slices), so FSDP needs no
+rule of its own.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ropd_jax import model as model_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Tensor parallelism for our param layout (see ropd_jax/model.py). fsdp is added automatically.
+DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"^embed$", ("tensor", None)),                     # [V, D]: vocab over tensor
+    (r"^lm_head$", (None, "tensor")),                   # [D, V]
+    (r"^layers/(q|k|v)(_bias)?$", ("tensor",)),         # [L, D, H*E] / [L, H*E]: heads over tensor
+    (r"^layers/o$", (None, "tensor", None)),            # [L, H*E, D]
+    (r"^layers/(gate|up)$", (None, None, "tensor")),    # [L, D, F]: MLP hidden over tensor
+    (r"^layers/down$", (None, "tensor", None)),         # [L, F, D]
+    (r".*", ()),                                        # norms, o_bias: replicated (fsdp may still apply)
+)
+
+# Params under this prefix carry the stacked-layer axis first; scanning over a sharded axis would gather it.
+_STACKED_PREFIX = "layers/"
+
+
+class ShardingError(ValueError):
+  """A mesh or partition rule that does not fit the devices or the parameters."""
+
+
+# -- mesh ------------------------------------------------------------------------------------------------
+def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes; one of them may be -1 = the devices left over."""
+  sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ShardingError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ShardingError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % known:
+      raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                          f"{dict(zip(MESH_AXES, sizes))} (product {known}).")
+    sizes[free[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ShardingError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                        f"{num_devices} are available; set one axis to -1 to take the rest.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh in Auto (GSPMD) mode over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension split over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+# -- partition rules -------------------------------------------------------------------------------------
+def _axes_of(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _normalize_rules(rules: Iterable) -> list[tuple[str, tuple]]:
+  out = []
+  for i, rule in enumerate(rules):
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ShardingError(f"mesh.rules[{i}] = {rule!r} is not a (regex, spec) pair, e.g. "
+                          "('layers/q$', (None, 'fsdp', 'tensor')).")
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ShardingError(f"mesh.rules[{i}]: bad regex {pattern!r} ({e}).") from e
+    spec = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
+    out.append((pattern, spec))
+  return out
+
+
+def spec_for(path: str, shape: Sequence[int], spec: Sequence, mesh_sizes: Mapping[str, int],
+             auto_fsdp: bool = True, auto_fsdp_min_size: int = 0) -> P:
+  """Resolve one parameter's PartitionSpec: pad the rule's spec, check divisibility, add fsdp."""
+  ndim = len(shape)
+  if len(spec) > ndim:
+    raise ShardingError(f"parameter {path!r} has shape {tuple(shape)} but its rule spec {tuple(spec)} has "
+                        f"{len(spec)} entries; give at most {ndim}.")
+  full = [None] * (ndim - len(spec)) + list(spec)
+  used = []
+  for dim, entry in enumerate(full):
+    axes = _axes_of(entry)
+    for axis in axes:
+      if axis not in mesh_sizes:
+        raise ShardingError(f"parameter {path!r}: spec {tuple(full)} names mesh axis {axis!r}; the mesh axes "
+                            f"are {tuple(mesh_sizes)}.")
+      if axis in used:
+        raise ShardingError(f"parameter {path!r}: spec {tuple(full)} uses mesh axis {axis!r} twice.")
+      used.append(axis)
+    size = math.prod(mesh_sizes[a] for a in axes)
+    if shape[dim] % size:
+      raise ShardingError(f"parameter {path!r} dimension {dim} has size {shape[dim]}, not divisible by mesh "
+                          f"axes {axes} of size {size} (spec {tuple(full)}); change the rule or the mesh.")
+  fsdp = mesh_sizes.get("fsdp", 1)
+  if (auto_fsdp and fsdp > 1 and "fsdp" not in used and math.prod(shape) >= auto_fsdp_min_size):
+    first = 1 if path.startswith(_STACKED_PREFIX) else 0
+    free = [d for d in range(first, ndim) if full[d] is None and shape[d] % fsdp == 0]
+    if free:
+      dim = max(free, key=lambda d: (shape[d], -d))  # largest; ties: the earlier dim
+      full[dim] = "fsdp"
+  return P(*full)
+
+
+def partition_specs(params: Any, mesh_sizes: Mapping[str, int], rules: Iterable = (),
+                    auto_fsdp: bool = True, auto_fsdp_min_size: int = 0) -> Any:
+  """A PartitionSpec per parameter (same tree as `params`, whose leaves need only `.shape`)."""
+  user = _normalize_rules(rules)
+  defaults = _normalize_rules(DEFAULT_RULES)
+  flat = model_lib.flatten_params(params)
+  hits = [0] * len(user)
+  specs = {}
+  for path, leaf in flat.items():
+    shape = tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
+    spec = None
+    for i, (pattern, rule_spec) in enumerate(user):
+      if re.search(pattern, path):
+        hits[i] += 1
+        spec = rule_spec
+        break
+    if spec is None:
+      spec = next((s for pattern, s in defaults if re.search(pattern, path)), None)
+    if spec is None:  # unreachable with the catch-all default, kept for edited defaults
+      raise ShardingError(f"parameter {path!r} matches no partition rule; add one to mesh.rules.")
+    specs[path] = spec_for(path, shape, spec, mesh_sizes, auto_fsdp, auto_fsdp_min_size)
+  for (pattern, _), n in zip(user, hits):
+    if n == 0:
+      raise ShardingError(f"mesh.rules pattern {pattern!r} matches no parameter; parameters are: "
+                          f"{', '.join(sorted(flat))}.")
+  return model_lib.unflatten_params(specs)
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Iterable = (), auto_fsdp: bool = True,
+                    auto_fsdp_min_size: int = 0) -> Any:
+  """NamedShardings for `params` (arrays or ShapeDtypeStructs) on `mesh`."""
+  sizes = dict(mesh.shape)
+  specs = partition_specs(params, sizes, rules, auto_fsdp, auto_fsdp_min_size)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings_from_config(params: Any, mesh: Mesh, mesh_cfg: Mapping[str, Any]) -> Any:
+  return param_shardings(params, mesh, rules=mesh_cfg.get("rules", ()) or (),
+                         auto_fsdp=bool(mesh_cfg.get("auto_fsdp", True)),
+                         auto_fsdp_min_size=int(mesh_cfg.get("auto_fsdp_min_size", 0)))
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+  """Place a host (or single-device) params pytree onto the mesh."""
+  return jax.tree.map(jax.device_put, params, shardings)
