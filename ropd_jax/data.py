@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-SOURCES = ("jsonl", "dapo_math_17k", "rar_science_20k", "rar_medical_20k", "gsm_symbolic")
+SOURCES = ("jsonl", "dapo_math_17k", "rar_science_20k", "rar_medical_20k", "gsm_symbolic", "synthetic_arith")
 ROW_FIELDS = ("id", "prompt", "answer", "solution", "source")
 _DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -44,7 +45,7 @@ class DataError(ValueError):
 
 def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.source = "gsm_symbolic"   # jsonl | dapo_math_17k | rar_science_20k | rar_medical_20k | gsm_symbolic
+  c.source = "gsm_symbolic"   # jsonl | dapo_math_17k | rar_science_20k | rar_medical_20k | gsm_symbolic | synthetic_arith
   c.path = ""                 # local .jsonl/.json/.parquet file, or a folder of them (all but gsm_symbolic)
   c.split = "train"           # name of the split the file is stored as (one split per prepared dataset)
   c.prompt_field = "prompt"   # jsonl source: field holding the question (a string or chat messages)
@@ -54,6 +55,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.gsm_num_variants = 400    # gsm_symbolic: variants generated from the templates, besides the originals
   c.gsm_include_originals = True  # gsm_symbolic: include the 100 original GSM8K problems
   c.gsm_language = "eng"      # gsm_symbolic: template language folder
+  c.synthetic_num_rows = 256  # synthetic_arith: two-step arithmetic problems generated from the seed
   c.seed = 0                  # data seed: GSM variants and the shuffle order
   c.shuffle = True            # shuffle rows (a new permutation each epoch)
   c.num_epochs = 1            # passes over the data (0 = repeat forever; the loop stops at total_steps)
@@ -419,8 +421,19 @@ class GsmSymbolic(_PromptsBuilder):
     return gsm_symbolic_rows(d["gsm_num_variants"], d["seed"], d["gsm_include_originals"], d["gsm_language"])
 
 
+class SyntheticArith(_PromptsBuilder):
+  """Generated two-step arithmetic problems with worked solutions (the tiny config's task)."""
+
+  def _rows(self):
+    from ropd_jax import synthetic  # pylint: disable=import-outside-toplevel
+    d = self.builder_config.data
+    for row in synthetic.arithmetic_rows(d["synthetic_num_rows"], d["seed"]):
+      yield dict(row, source="synthetic_arith")
+
+
 BUILDERS = {"jsonl": JsonlPrompts, "dapo_math_17k": DapoMath17k, "rar_science_20k": RarScience20k,
-            "rar_medical_20k": RarMedical20k, "gsm_symbolic": GsmSymbolic}
+            "rar_medical_20k": RarMedical20k, "gsm_symbolic": GsmSymbolic,
+            "synthetic_arith": SyntheticArith}
 _FIELD_KNOBS = ("prompt_field", "answer_field", "solution_field", "id_field")
 _GSM_KNOBS = ("gsm_num_variants", "gsm_include_originals", "gsm_language", "seed")
 
@@ -432,6 +445,8 @@ def _settings(data_cfg: Mapping[str, Any]) -> dict:
   knobs = {"source": kind, "split": data_cfg.get("split", "train")}
   if kind == "gsm_symbolic":
     knobs.update({k: data_cfg.get(k, data_config()[k]) for k in _GSM_KNOBS})
+  elif kind == "synthetic_arith":
+    knobs.update({k: data_cfg.get(k, data_config()[k]) for k in ("synthetic_num_rows", "seed")})
   else:
     path = data_cfg.get("path", "")
     data_files(path)  # fail here, naming data.path, before tfds gets involved
@@ -441,17 +456,27 @@ def _settings(data_cfg: Mapping[str, Any]) -> dict:
   return knobs
 
 
+def _hash_file(h, path: str) -> None:
+  h.update(path.encode())
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+
+
 def _fingerprint(knobs: Mapping[str, Any]) -> str:
+  """Config knobs + the input files' bytes; for generated sources, the generating code and package."""
   h = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
   if "path" in knobs:
     for path in data_files(knobs["path"]):
-      h.update(path.encode())
-      with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          h.update(chunk)
-  else:
+      _hash_file(h, path)
+  elif knobs["source"] == "gsm_symbolic":
     from ropd_jax import assets  # pylint: disable=import-outside-toplevel
     h.update(str(assets.installed_version(assets.GSM_SYMBOLIC)).encode())
+    h.update(hashlib.sha256(inspect.getsource(gsm_symbolic_rows).encode() +
+                            inspect.getsource(_VariantSampler).encode()).digest())
+  else:
+    from ropd_jax import synthetic  # pylint: disable=import-outside-toplevel
+    _hash_file(h, synthetic.__file__)
   return h.hexdigest()[:16]
 
 

@@ -236,3 +236,12 @@ def test_make_loader_from_config(tmp_path):
   assert loader.stats["num_kept"] == 4 and loader.stats["num_dropped_too_long"] == 6
   rows = sum(_ids(loader), [])
   assert sorted(rows) == ["g.jsonl:1", "g.jsonl:2", "g.jsonl:3", "g.jsonl:4"]
+
+
+def test_synthetic_arith_source_is_deterministic_in_the_seed(tmp_path):
+  from ropd_jax import synthetic
+  rows = data.load_prompts(_cfg(tmp_path, source="synthetic_arith", synthetic_num_rows=5, seed=3))
+  want = synthetic.arithmetic_rows(5, seed=3)
+  assert rows == [{k: r[k] for k in ("id", "prompt", "answer", "solution")} for r in want]
+  other = data.load_prompts(_cfg(tmp_path, source="synthetic_arith", synthetic_num_rows=5, seed=4))
+  assert [r["prompt"] for r in other] != [r["prompt"] for r in rows]
