@@ -35,7 +35,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 SOURCES = ("jsonl", "dapo_math_17k", "rar_science_20k", "rar_medical_20k", "gsm_symbolic", "synthetic_arith")
-ROW_FIELDS = ("id", "prompt", "answer", "solution", "source")
 _DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -45,7 +44,8 @@ class DataError(ValueError):
 
 def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.source = "gsm_symbolic"   # jsonl | dapo_math_17k | rar_science_20k | rar_medical_20k | gsm_symbolic | synthetic_arith
+  # jsonl | dapo_math_17k | rar_science_20k | rar_medical_20k | gsm_symbolic | synthetic_arith
+  c.source = "gsm_symbolic"   # where the prompts come from (see above)
   c.path = ""                 # local .jsonl/.json/.parquet file, or a folder of them (all but gsm_symbolic)
   c.split = "train"           # name of the split the file is stored as (one split per prepared dataset)
   c.prompt_field = "prompt"   # jsonl source: field holding the question (a string or chat messages)

@@ -411,3 +411,12 @@ def abstract_params(cfg: ModelConfig) -> Mapping[str, Any]:
   shapes = model_lib.param_shapes(cfg)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, cfg.storage_dtype), shapes,
                       is_leaf=lambda x: isinstance(x, tuple))
+
+
+def gguf_config_from_file(path: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a GGUF file, without dequantising its tensors."""
+  import gguf
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"GGUF file {path} does not exist.")
+  return gguf_config(gguf.GGUFReader(path), path, **overrides)
