@@ -238,8 +238,11 @@ BATCH_KEYS = ("tokens_bt", "valid_bt", "loss_mask_bt", "old_logprobs_bt", "advan
 OPTIONAL_KEYS = ("ref_logprobs_bt", "sample_valid_b")
 
 
-def _check_batch(batch: Mapping[str, Any], num_minibatches: int, microbatch_size: int, shards: int):
+def _check_batch(batch: Mapping[str, Any], num_minibatches: int, microbatch_size: int, shards: int,
+                 kl_coef: float):
   missing = [k for k in BATCH_KEYS if k not in batch]
+  if kl_coef and "ref_logprobs_bt" not in batch:
+    missing.append("ref_logprobs_bt (rl.kl_coef > 0)")
   unknown = [k for k in batch if k not in BATCH_KEYS + OPTIONAL_KEYS]
   if missing or unknown:
     raise ValueError(f"train_step batch: missing keys {missing}, unknown keys {unknown}; expected "
@@ -349,7 +352,7 @@ def make_train_step(model_cfg: model_lib.ModelConfig, rl_cfg: Mapping[str, Any],
   compiled: dict[tuple, Callable] = {}  # one jit per set of batch keys (ref_logprobs_bt is optional)
 
   def step(state: TrainState, batch: Mapping[str, Any]):
-    _check_batch(batch, num_mb, micro_cfg, shards)
+    _check_batch(batch, num_mb, micro_cfg, shards, kl_coef)
     keys = tuple(sorted(batch))
     if keys not in compiled:
       if mesh is None:

@@ -1,7 +1,6 @@
 """Data: tfds builders (array_record, read back with as_data_source), schema mapping, GSM-symbolic variants,
 the prompt-length filter, and the grain loader's resume and host sharding."""
 import json
-import os
 import re
 
 import pyarrow as pa

@@ -228,6 +228,8 @@ def test_batch_errors_are_named():
   bad["old_logprobs_bt"] = bad["old_logprobs_bt"][:, :-1]
   with pytest.raises(ValueError, match=r"batch\['old_logprobs_bt'\] has shape \(8, 10\)"):
     rl.make_train_step(CFG, _rl_cfg(), tx)(rl.init_train_state(params, tx), bad)
+  with pytest.raises(ValueError, match=r"missing keys \['ref_logprobs_bt \(rl.kl_coef > 0\)'\]"):
+    rl.make_train_step(CFG, _rl_cfg(kl_coef=0.1), tx)(rl.init_train_state(params, tx), _batch(8))
 
 
 # ------------------------------------------------------------------------------------------ sharding
