@@ -20,6 +20,7 @@ trap 'rm -f "${TEMP_FILES[@]}"' EXIT
 usage() {
   cat <<'EOF'
 usage: launch/tpu.sh COMMAND [--dry-run] [--env FILE] [options] [--config.x=y ...]
+       launch/tpu.sh --dry-run [options]      (every command in order, printed)
 
 commands:
   create   create the TPU VM (or a queued resource with --queued / QUEUED=true)
@@ -118,6 +119,28 @@ default_runtime_version() {
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
+# `tpu.sh --dry-run [options]` with no command walks through the whole life of a run.
+if [[ ${1:-} == --* ]] && [[ " $* " == *" --dry-run "* ]]; then
+  common=() trainer=()
+  while (($#)); do
+    case "$1" in
+      --) trainer+=("$@") && break ;;
+      --config.*) trainer+=("$1") ;;
+      *) common+=("$1") ;;
+    esac
+    shift
+  done
+  for step in create setup run logs stop status delete; do
+    printf '# launch/tpu.sh %s\n' "$step"
+    if [[ $step == run ]]; then
+      bash "${BASH_SOURCE[0]}" "$step" "${common[@]}" "${trainer[@]}"
+    else
+      bash "${BASH_SOURCE[0]}" "$step" "${common[@]}"
+    fi
+  done
+  exit 0
+fi
+
 COMMAND=${1:-}
 case "$COMMAND" in
   create | setup | run | logs | stop | status | delete) shift ;;

@@ -359,3 +359,15 @@ def test_jobset_manifest_is_consistent():
   assert container["command"] == ["python", "-m", "ropd_jax.train"]
   assert any(a.startswith("--workdir=gs://") for a in container["args"])
   assert "env" not in container  # keys come from the Secret only
+
+
+def test_dry_run_alone_walks_through_every_command(launch_dir):
+  res = tpu(launch_dir, "--dry-run", "--config.rl.lr=3e-6")
+  assert res.returncode == 0, res.stderr
+  headers = [line.split()[-1] for line in res.stdout.splitlines() if line.startswith("# launch/tpu.sh ")]
+  assert headers == list(COMMANDS)
+  lines = gcloud_lines(res.stdout)
+  ssh = [argv for argv in lines if argv[3:5] == ["tpu-vm", "ssh"]]
+  assert [flags(a)["--worker"] for a in ssh] == ["all", "all", "0", "all", "all"]   # setup run logs stop status
+  run = [a for a in ssh if "run" in _remote(a)]
+  assert len(run) == 1 and _remote(run[0])[-1] == "--config.rl.lr=3e-6"   # overrides go to `run` only
