@@ -281,31 +281,40 @@ def apply_rope(x_bthe, positions_bt, inv_freq_e2):
 
 
 class KVCache(NamedTuple):
-  """Static KV cache. Slot s of a row holds the key/value of the token at position s of that row."""
-  k: jax.Array  # [L, B, S, K, E]
-  v: jax.Array  # [L, B, S, K, E]
+  """Static KV cache. Slot s of a row holds the key/value of the token at position s of that row.
+
+  Heads-major ([.., K, S, E]) so that each kv head's slots are contiguous: the decode attention dots
+  then need no transpose of the cache (3x faster on CPU than [.., S, K, E])."""
+  k: jax.Array  # [L, B, K, S, E]
+  v: jax.Array  # [L, B, K, S, E]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig):
+def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig, heads_major: bool = False):
+  """`heads_major`: keys / values come as [B, K, S, E] (the cache layout) instead of [B, S, K, E]."""
   b, t, h, e = q_bthe.shape
   kv = cfg.num_kv_heads
   q_btkge = q_bthe.reshape(b, t, kv, h // kv, e)
-  scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
+  kv_spec = "bkse" if heads_major else "bske"
+  scores = jnp.einsum(f"btkge,{kv_spec}->bkgts", q_btkge, k_bske,
                       preferred_element_type=jnp.float32) / math.sqrt(e)
   scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-  out = jnp.einsum("bkgts,bske->btkge", probs, v_bske, preferred_element_type=jnp.float32)
+  if heads_major:  # batched dot in canonical (b, k | g t, s | s, e) order, then a small transpose
+    out = jnp.einsum("bkgts,bkse->bkgte", probs, v_bske, preferred_element_type=jnp.float32)
+    out = out.transpose(0, 3, 1, 2, 4)
+  else:
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske, preferred_element_type=jnp.float32)
   return out.reshape(b, t, h * e).astype(q_bthe.dtype)
 
 
 def _layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, cache_kv):
-  """One transformer block. `cache_kv` is None (training) or this layer's (k, v) [B, S, K, E]."""
+  """One transformer block. `cache_kv` is None (training) or this layer's (k, v) [B, K, S, E]."""
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
   w = jax.tree.map(lambda a: a.astype(dt), p)
@@ -328,11 +337,12 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, cache_k
   else:
     cache_k, cache_v = cache_kv
     rows = jnp.arange(b)[:, None]
-    slots = jnp.clip(positions_bt, 0, cache_k.shape[1] - 1)
-    cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype))
-    cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype))
+    slots = jnp.clip(positions_bt, 0, cache_k.shape[2] - 1)
+    # Indices on dims 0 and 2 around a slice: the indexed region is [B, T, K, E], like k and v.
+    cache_k = cache_k.at[rows, :, slots].set(k.astype(cache_k.dtype))
+    cache_v = cache_v.at[rows, :, slots].set(v.astype(cache_v.dtype))
     keys, values, new_kv = cache_k.astype(dt), cache_v.astype(dt), (cache_k, cache_v)
-  attn = _attention(q, keys, values, mask_bts, cfg) @ w["o"]
+  attn = _attention(q, keys, values, mask_bts, cfg, heads_major=cache_kv is not None) @ w["o"]
   if cfg.o_bias:
     attn = attn + w["o_bias"]
   x_btd = x_btd + attn
@@ -372,7 +382,7 @@ def forward(params, tokens_bt, cfg: ModelConfig, positions_bt=None, valid_bt=Non
   if cache is None:
     mask = attention_mask(positions_bt, valid_bt, segment_ids_bt=segment_ids_bt)
   else:
-    mask = attention_mask(positions_bt, cache_len=cache.k.shape[2])
+    mask = attention_mask(positions_bt, cache_len=cache.k.shape[3])
   x = params["embed"][tokens_bt].astype(cfg.compute_dtype)
 
   def body(x, layer_in):
