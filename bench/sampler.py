@@ -1,0 +1,200 @@
+"""Rollout throughput: our jitted sampler vs transformers `generate`, side by side in one run.
+
+    python bench/sampler.py                 # CPU: SmolLM2-135M (offline GGUF), 16 chat prompts x 128 new, fp32
+    python bench/sampler.py --top_p=0.95    # the same with nucleus sampling on both sides
+    python bench/sampler.py --gpu-shape     # Qwen3-0.6B shape, random bf16, 256 rollouts, 128 prompt + 256 new
+    python bench/sampler.py --gpu-shape --n=8 --hf_batch=64   # GRPO groups (32 prompts x 8), HF at batch 64
+
+Both sides generate exactly `--new` tokens per row (stop tokens off), with the same weights, prompts, dtype
+and sampling settings; tokens/s counts new tokens over the wall time of a whole call (prefill included),
+the median of `--reps` calls after one warm-up call (our compile time is printed separately).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--gpu-shape", dest="gpu_shape", action="store_true",
+                 help="Qwen3-0.6B-shaped random bf16 model, 256 rollouts, 128 prompt + 256 new tokens")
+  p.add_argument("--batch", type=int, default=None, help="rollouts per call (16 CPU, 256 --gpu-shape)")
+  p.add_argument("--n", type=int, default=1, help="rollouts per prompt (prompts = batch / n)")
+  p.add_argument("--new", type=int, default=None, help="new tokens per rollout (128 CPU, 256 --gpu-shape)")
+  p.add_argument("--prompt_len", type=int, default=128, help="--gpu-shape: prompt tokens per row")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--reps", type=int, default=3, help="timed calls per side (median reported)")
+  p.add_argument("--skip_hf", action="store_true", help="time our sampler only")
+  p.add_argument("--hf_batch", type=int, default=None, help="transformers batch (default: same as ours)")
+  p.add_argument("--hf_static", action="store_true", help="transformers cache_implementation='static'")
+  return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _cpu_model():
+  from ropd_jax import assets, tokenizer, weights
+  path = assets.smollm2_gguf_path()
+  cfg, params = weights.load_gguf(path)
+  tok = tokenizer.load_tokenizer(path)
+  return cfg, params, tok
+
+
+def _gpu_shape_model():
+  import jax
+  from ropd_jax import model
+  cfg = model.ModelConfig(
+      model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+      num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+      max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True, param_dtype="bfloat16",
+      dtype="bfloat16", eos_token_ids=(151645,))
+  params = model.init_params(cfg, jax.random.key(0))
+  return cfg, params
+
+
+def _chat_prompts(tok, count):
+  from ropd_jax import assets
+  questions = [r["question"] for r in assets.load_gsm_symbolic()][:count]
+  return [tok.apply_chat(q, tokenize=True) for q in questions]
+
+
+def _hf_model(cfg, params, torch_dtype):
+  import torch
+  import transformers
+  from ropd_jax import weights
+  hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+  with torch.device("cpu"):
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
+  state = {name: torch.from_numpy(np.asarray(arr, np.float32)) for name, arr in weights.to_hf_tensors(params, cfg)}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+  if missing or unexpected:
+    raise RuntimeError(f"HF weight copy failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+  model.tie_weights()
+  model.generation_config.eos_token_id = None   # exactly --new tokens, like ours with stops off
+  model.generation_config.pad_token_id = 0
+  return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _median_time(fn, reps):
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def _time_ours(cfg, params, prompts, args, n):
+  import jax
+  from ropd_jax import sampling
+  scfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 max_new_tokens=args.new, n=n, stop_token_ids=())
+  ids_bt, lengths_b = sampling.pad_prompts(prompts, scfg)
+  calls = iter(range(10 ** 6))
+
+  def run():
+    ro = sampling.sample(params, ids_bt, lengths_b, jax.random.key(next(calls)), cfg, scfg)
+    jax.block_until_ready(ro.tokens_bt)
+    return ro
+
+  t0 = time.perf_counter()
+  ro = run()
+  first = time.perf_counter() - t0
+  assert int(np.asarray(ro.lengths_b).min()) == args.new, "a row stopped early; stops should be off"
+  med, times = _median_time(run, args.reps)
+  return first, med, times
+
+
+def _time_hf(model, prompts, args, device, batch):
+  import torch
+  # HF decoder-only batching needs left padding.
+  width = max(len(p) for p in prompts)
+  ids = np.zeros((len(prompts), width), np.int64)
+  mask = np.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+  kw = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_new_tokens=args.new, min_new_tokens=0)
+  if args.hf_static:
+    kw["cache_implementation"] = "static"
+
+  def run():
+    with torch.inference_mode():
+      for s in range(0, ids.shape[0], batch):
+        out = model.generate(input_ids=ids[s:s + batch], attention_mask=mask[s:s + batch], **kw)
+        assert out.shape[1] == width + args.new
+    if device != "cpu":
+      torch.cuda.synchronize()
+
+  run()   # warm-up
+  return _median_time(run, args.reps)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  args = _args(argv)
+  if args.gpu_shape:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the card
+  import jax
+  batch = args.batch or (256 if args.gpu_shape else 16)
+  args.new = args.new or (256 if args.gpu_shape else 128)
+  if batch % args.n:
+    raise SystemExit(f"--batch={batch} must be a multiple of --n={args.n}")
+  load0 = os.getloadavg()
+  if args.gpu_shape:
+    cfg, params = _gpu_shape_model()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch // args.n)]
+    dtype_name = "bfloat16"
+  else:
+    cfg, params, tok = _cpu_model()
+    prompts = _chat_prompts(tok, batch // args.n)
+    dtype_name = "float32"
+  lens = [len(p) for p in prompts]
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
+        f"model {cfg.model_type} L={cfg.num_layers} d={cfg.hidden_size} V={cfg.vocab_size} {dtype_name}; "
+        f"{len(prompts)} prompts x n={args.n} = {batch} rows, prompt tokens {min(lens)}..{max(lens)}, "
+        f"{args.new} new; T={args.temperature} top_p={args.top_p} top_k={args.top_k}")
+  first, ours, ours_all = _time_ours(cfg, params, prompts, args, args.n)
+  new_tokens = batch * args.new
+  print(f"ours: first call (compile + run) {first:.2f}s; {ours:.3f}s per call "
+        f"({', '.join(f'{t:.3f}' for t in ours_all)}) -> {new_tokens / ours:,.0f} new tok/s")
+  if not args.skip_hf:
+    import torch
+    if not args.gpu_shape:
+      torch.set_num_threads(os.cpu_count())
+    device = "cuda" if args.gpu_shape else "cpu"
+    torch_dtype = torch.bfloat16 if args.gpu_shape else torch.float32
+    hf = _hf_model(cfg, params, torch_dtype).to(device)
+    hf_prompts = [p for p in prompts for _ in range(args.n)]   # HF has no shared-prefill groups
+    hf_batch = args.hf_batch or batch
+    hf_time, hf_all = _time_hf(hf, hf_prompts, args, device, hf_batch)
+    print(f"transformers {__import__('transformers').__version__} generate (torch "
+          f"{torch.__version__}, batch {hf_batch}{', static cache' if args.hf_static else ''}): "
+          f"{hf_time:.3f}s per call ({', '.join(f'{t:.3f}' for t in hf_all)}) -> "
+          f"{new_tokens / hf_time:,.0f} new tok/s")
+    print(f"ratio ours / transformers: {hf_time / ours:.2f}x")
+  print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
+        f"({os.cpu_count()} cpus)")
+
+
+if __name__ == "__main__":
+  main()
