@@ -49,6 +49,7 @@ def rl_config():
   c.schedule = "constant"     # constant | cosine (decays to 0 at total_steps after warm-up)
   c.warmup_steps = 0          # linear warm-up steps (paper variant: 100)
   c.weight_decay = 0.01       # AdamW decoupled weight decay (paper variant: 0.1)
+  c.decay_norms_and_biases = True  # apply weight decay to norm scales and biases too (torch/verl behaviour)
   c.b1 = 0.9                  # Adam beta1
   c.b2 = 0.999                # Adam beta2
   c.eps = 1e-8                # Adam epsilon
@@ -56,7 +57,9 @@ def rl_config():
   c.clip_low = 0.2            # PPO ratio clip below 1
   c.clip_high = 0.28          # PPO ratio clip above 1 (DAPO clip-higher)
   c.dual_clip = 0.0           # dual-clip constant for negative advantages (0 = off; e.g. 3.0)
-  c.loss_agg = "token_mean"   # token_mean over the mini-batch | seq_mean_token_sum | per_microbatch_token_mean
+  # token_mean over the mini-batch | seq_mean_token_mean (paper) | seq_mean_token_sum |
+  # per_microbatch_token_mean (the official code's quirk)
+  c.loss_agg = "token_mean"
   c.normalize_adv_std = False  # divide group-centred advantages by the group std (paper variant)
   c.kl_coef = 0.0             # KL penalty to a frozen reference policy (0 = off, no reference kept)
   c.kl_estimator = "k3"       # k1 | k2 | k3 estimator of KL(policy || reference)
@@ -70,7 +73,11 @@ def mesh_config():
   c.data = -1                 # data-parallel axis size (-1 = the devices left over)
   c.fsdp = 1                  # parameter/optimizer sharding axis size
   c.tensor = 1                # tensor-parallel axis size (heads, MLP hidden, vocab)
-  c.rules = ()                # extra (regex on param path, PartitionSpec tuple) rules, tried before defaults
+  # Extra (regex on param path, PartitionSpec tuple) rules, tried before the defaults; a spec shorter than
+  # the parameter's rank applies to its trailing dimensions.
+  c.rules = ()
+  c.auto_fsdp = True          # put `fsdp` on the largest free divisible dimension (never the layer axis)
+  c.auto_fsdp_min_size = 0    # leave parameters smaller than this (elements) replicated
   return c
 
 

@@ -66,10 +66,15 @@ def load_policy(model_cfg, mesh=None, mesh_cfg=None, seed: int = 0):
   check_model_config(model_cfg)
   tok = load_tokenizer(model_cfg)
   if model_cfg.source == "random":
-    shape = dict(model_cfg.random)
-    shape["vocab_size"] = shape.get("vocab_size") or tok.vocab_size
-    cfg = model_lib.ModelConfig(eos_token_ids=tuple(tok.stop_ids), bos_token_id=tok.bos_id, **shape,
-                                **_numerics(model_cfg))
+    r = model_cfg.random
+    # Through from_hf, so family features (Qwen2 biases, Qwen3 q/k norms) follow model_type.
+    cfg = model_lib.ModelConfig.from_hf({
+        "model_type": r.model_type, "vocab_size": r.vocab_size or tok.vocab_size,
+        "hidden_size": r.hidden_size, "intermediate_size": r.intermediate_size,
+        "num_hidden_layers": r.num_layers, "num_attention_heads": r.num_heads,
+        "num_key_value_heads": r.num_kv_heads, "head_dim": r.head_dim,
+        "tie_word_embeddings": r.tie_word_embeddings, "bos_token_id": tok.bos_id,
+        "eos_token_id": list(tok.stop_ids)}, **_numerics(model_cfg))
     params = model_lib.init_params(cfg, jax.random.key(seed))
     if mesh is not None:
       params = sharding_lib.shard_params(

@@ -33,10 +33,13 @@ from ropd_jax import teacher_index as teacher_index_lib
 from ropd_jax.judge import client as judge_client
 from ropd_jax.judge import config as judge_config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, artifacts, judge cache); "
-                               "default runs/<config name>. An existing run in it is resumed.")
+
+
+def define_flags():
+  """CLI flags, defined only when run as a program (so the module imports cleanly beside others)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, artifacts, judge cache); default "
+                      "runs/<config name>. An existing run in it is resumed.")
 
 
 class ConfigError(ValueError):
@@ -113,7 +116,7 @@ class Run:
         stop_token_ids=tuple(self.model_cfg.eos_token_ids), stop_strings=tuple(cfg.sampling.stop_strings),
         pad_id=self.tok.pad_id or 0)
     rl_cfg = dict(cfg.rl.to_dict(), logprob_temperature=cfg.sampling.temperature or 1.0)
-    self.optimizer = rl.make_optimizer(cfg.rl, cfg.total_steps * cfg.rl.num_minibatches)
+    self.optimizer = rl.make_optimizer(cfg.rl, cfg.total_steps)  # schedules count training steps
     self.param_sh = sharding_lib.param_shardings_from_config(params, self.mesh, cfg.mesh)
     state_sh = rl.train_state_shardings(params, self.optimizer, self.mesh, self.param_sh)
     self.state = rl.init_train_state(params, self.optimizer, state_sh)
@@ -245,6 +248,9 @@ def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) the configured training; returns a summary of the run's metrics."""
   index = preflight(cfg, workdir)
   maybe_initialize_distributed()
+  if jax.process_index() == 0:  # what `export` and `evaluate` rebuild the run from
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
   run = Run(cfg, workdir, index)
   guard = ckpt_lib.PreemptionGuard()
   try:
@@ -322,11 +328,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  cfg = _CONFIG.value
+  cfg = flags.FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  workdir = _WORKDIR.value or os.path.join("runs", name)
+  workdir = flags.FLAGS.workdir or os.path.join("runs", name)
   try:
     summary = train(cfg, workdir)
   except USER_ERRORS as e:
@@ -336,4 +342,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -203,3 +203,22 @@ def test_cli_bad_input_exits_nonzero_with_message(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert "error: model.path='/nonexistent/model'" in out.stderr
+
+
+def test_export_writes_a_loadable_hf_directory(reference_run, tmp_path):
+  import numpy as np
+  from ropd_jax import export, model, weights
+  workdir, _ = reference_run
+  out = export.export(workdir, str(tmp_path / "hf"), dtype="float32")
+  _, model_cfg, params = export.restore_params(workdir)
+  cfg2, params2 = weights.load_hf(out)
+  assert cfg2.num_layers == model_cfg.num_layers and cfg2.qk_norm
+  for path, value in model.flatten_params(params).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(model.flatten_params(params2)[path]))
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+
+
+def test_export_cli_needs_a_run(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "ropd_jax.export", f"--workdir={tmp_path}",
+                        f"--out={tmp_path / 'hf'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "config.json does not exist" in out.stderr
