@@ -410,11 +410,33 @@ def lm_logits(params, x_btd, cfg: ModelConfig):
 
 
 def token_logprobs(params, tokens_bt, cfg: ModelConfig, valid_bt=None, positions_bt=None,
-                   temperature: float = 1.0):
-  """log p(tokens[t+1] | tokens[:t+1]) for t in 0..T-2, shape [B, T-1], and the entropy [B, T-1]."""
-  logits, _ = forward(params, tokens_bt, cfg, positions_bt=positions_bt, valid_bt=valid_bt)
-  logits = logits[:, :-1] / temperature
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  logp = jnp.take_along_axis(logp_all, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+                   temperature: float = 1.0, window_start_b=None, window: int = 0):
+  """log p(tokens[t+1] | tokens[:t+1]) for t in 0..T-2, shape [B, T-1], and the entropy [B, T-1].
+
+  With `window` > 0, the vocabulary projection runs only on the `window` positions from `window_start_b`
+  of each row (the response); elsewhere both outputs are 0. For RL batches whose prompt is much longer
+  than the trained response this skips most of the [T, V] logits, the largest activation of the step.
+  """
+  if not window:
+    logits, _ = forward(params, tokens_bt, cfg, positions_bt=positions_bt, valid_bt=valid_bt)
+    return _logprobs_and_entropy(logits[:, :-1] / temperature, tokens_bt[:, 1:])
+  b, t = tokens_bt.shape
+  hidden, _ = forward(params, tokens_bt, cfg, positions_bt=positions_bt, valid_bt=valid_bt,
+                      return_hidden=True)
+  pos_bn = window_start_b[:, None] + jnp.arange(window)[None, :]
+  in_range_bn = pos_bn <= t - 2
+  pos_bn = jnp.clip(pos_bn, 0, t - 2)
+  hidden_bnd = jnp.take_along_axis(hidden, pos_bn[..., None], axis=1)
+  logits_bnv = lm_logits(params, hidden_bnd, cfg) / temperature
+  logp_bn, entropy_bn = _logprobs_and_entropy(logits_bnv, jnp.take_along_axis(tokens_bt, pos_bn + 1, axis=1))
+  rows = jnp.arange(b)[:, None]
+  scatter = lambda x: jnp.zeros((b, t - 1), jnp.float32).at[rows, pos_bn].add(  # noqa: E731
+      jnp.where(in_range_bn, x, 0.0))
+  return scatter(logp_bn), scatter(entropy_bn)
+
+
+def _logprobs_and_entropy(logits_btv, targets_bt):
+  logp_all = jax.nn.log_softmax(logits_btv, axis=-1)
+  logp = jnp.take_along_axis(logp_all, targets_bt[..., None], axis=-1)[..., 0]
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
   return logp, entropy

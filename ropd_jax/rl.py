@@ -283,6 +283,8 @@ def make_train_step(model_cfg: model_lib.ModelConfig, rl_cfg: Mapping[str, Any],
                  dual_clip=float(rl_cfg.get("dual_clip", 0.0)) or None, loss_agg=loss_agg,
                  kl_coef=kl_coef, kl_estimator=rl_cfg.get("kl_estimator", "k3"))
   temperature = float(rl_cfg.get("logprob_temperature", 1.0))
+  # Response width: logits only for the `window` positions from each row's first trained token (0 = all).
+  window = int(rl_cfg.get("logits_window", 0))
   shards = sharding_lib.batch_shards(mesh) if mesh is not None else 1
 
   def constrain(x, lead_dims: int):
@@ -293,8 +295,11 @@ def make_train_step(model_cfg: model_lib.ModelConfig, rl_cfg: Mapping[str, Any],
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   def micro_loss(params, mb, counts, n_micro):
+    # The loss only reads response positions: with a window, logits are computed there alone.
+    start_b = jnp.argmax(mb["loss_mask_bt"], axis=1) if window else None
     logprobs_bt, entropy_bt = model_lib.token_logprobs(params, mb["tokens_bt"], model_cfg,
-                                                       valid_bt=mb["valid_bt"], temperature=temperature)
+                                                       valid_bt=mb["valid_bt"], temperature=temperature,
+                                                       window_start_b=start_b, window=window)
     return ppo_loss(logprobs_bt, mb["old_logprobs_bt"], mb["advantages_b"], mb["loss_mask_bt"],
                     ref_logprobs_bt=mb.get("ref_logprobs_bt"), entropy_bt=entropy_bt,
                     num_tokens=counts[0], num_seqs=counts[1], num_microbatches=n_micro, **loss_kw)

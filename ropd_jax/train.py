@@ -115,7 +115,9 @@ class Run:
         max_new_tokens=cfg.sampling.max_new_tokens, n=cfg.sampling.n,
         stop_token_ids=tuple(self.model_cfg.eos_token_ids), stop_strings=tuple(cfg.sampling.stop_strings),
         pad_id=self.tok.pad_id or 0)
-    rl_cfg = dict(cfg.rl.to_dict(), logprob_temperature=cfg.sampling.temperature or 1.0)
+    # Logprobs at the sampling temperature (the PPO old policy's), logits only over the response width.
+    rl_cfg = dict(cfg.rl.to_dict(), logprob_temperature=cfg.sampling.temperature or 1.0,
+                  logits_window=cfg.sampling.max_new_tokens)
     self.optimizer = rl.make_optimizer(cfg.rl, cfg.total_steps)  # schedules count training steps
     self.param_sh = sharding_lib.param_shardings_from_config(params, self.mesh, cfg.mesh)
     state_sh = rl.train_state_shardings(params, self.optimizer, self.mesh, self.param_sh)

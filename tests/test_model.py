@@ -131,3 +131,18 @@ def test_live_against_transformers(family):
   cfg, params = weights.load_hf(d)
   ours, _ = model.forward(params, jnp.asarray(tokens), cfg)
   assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+
+
+def test_token_logprobs_window_equals_full_inside_the_window():
+  d, g = _fixture("qwen2")
+  cfg, params = weights.load_hf(d)
+  tokens = jnp.asarray(g["tokens"])
+  full_lp, full_ent = model.token_logprobs(params, tokens, cfg, temperature=0.7)
+  start = jnp.array([3, 7])
+  lp, ent = model.token_logprobs(params, tokens, cfg, temperature=0.7, window_start_b=start, window=5)
+  inside = np.zeros((2, 11), bool)
+  inside[0, 3:8] = True
+  inside[1, 7:11] = True  # row 1's window runs past the end: clipped, not wrapped
+  np.testing.assert_allclose(np.asarray(lp)[inside], np.asarray(full_lp)[inside], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ent)[inside], np.asarray(full_ent)[inside], atol=1e-5)
+  assert np.all(np.asarray(lp)[~inside] == 0) and np.all(np.asarray(ent)[~inside] == 0)
