@@ -73,6 +73,7 @@ def mesh_config():
   c.data = -1                 # data-parallel axis size (-1 = the devices left over)
   c.fsdp = 1                  # parameter/optimizer sharding axis size
   c.tensor = 1                # tensor-parallel axis size (heads, MLP hidden, vocab)
+  c.num_devices = 0           # use only the first N devices (0 = all); e.g. to resume on a smaller slice
   # Extra (regex on param path, PartitionSpec tuple) rules, tried before the defaults; a spec shorter than
   # the parameter's rank applies to its trailing dimensions.
   c.rules = ()

@@ -67,8 +67,14 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int,
 
 
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh in Auto (GSPMD) mode over `devices` (default: all)."""
+  """A (data, fsdp, tensor) mesh in Auto (GSPMD) mode over `devices` (default: all, or the first
+  `mesh.num_devices` of them when that is set)."""
   devices = list(jax.devices() if devices is None else devices)
+  wanted = int(mesh_cfg.get("num_devices", 0) or 0)
+  if wanted:
+    if wanted > len(devices):
+      raise ShardingError(f"mesh.num_devices={wanted} but only {len(devices)} devices are available.")
+    devices = devices[:wanted]
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
