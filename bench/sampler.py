@@ -6,8 +6,11 @@
     python bench/sampler.py --gpu-shape --n=8 --hf_batch=64   # GRPO groups (32 prompts x 8), HF at batch 64
 
 Both sides generate exactly `--new` tokens per row (stop tokens off), with the same weights, prompts, dtype
-and sampling settings; tokens/s counts new tokens over the wall time of a whole call (prefill included),
-the median of `--reps` calls after one warm-up call (our compile time is printed separately).
+and sampling settings; tokens/s counts new tokens over the wall time of a whole call (prefill included).
+After one warm-up call each, the two sides are timed in alternation (`--reps` rounds), so a load spike
+from other processes hits both; the best and the median call are printed, the ratio uses the best.
+With --n > 1 our sampler prefills each prompt once for its n rollouts; transformers gets the prompt
+repeated n times (what `num_return_sequences` does).
 """
 from __future__ import annotations
 
@@ -35,8 +38,13 @@ def _args(argv=None):
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--reps", type=int, default=3, help="timed calls per side (median reported)")
   p.add_argument("--skip_hf", action="store_true", help="time our sampler only")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time our prefill alone, one decode step (model only) and one draw")
   p.add_argument("--hf_batch", type=int, default=None, help="transformers batch (default: same as ours)")
   p.add_argument("--hf_static", action="store_true", help="transformers cache_implementation='static'")
+  p.add_argument("--hf_threads", type=int, nargs="+", default=None,
+                 help="torch CPU thread counts to time (default: 1 and all cores; on a shared machine "
+                      "torch's multi-threaded small matmuls can stall, so the best is compared)")
   return p.parse_args(argv)
 
 
@@ -76,7 +84,8 @@ def _hf_model(cfg, params, torch_dtype):
   hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
   with torch.device("cpu"):
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
-  state = {name: torch.from_numpy(np.asarray(arr, np.float32)) for name, arr in weights.to_hf_tensors(params, cfg)}
+  state = {name: torch.from_numpy(np.array(arr, np.float32))
+           for name, arr in weights.to_hf_tensors(params, cfg)}
   missing, unexpected = model.load_state_dict(state, strict=False)
   missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
   if missing or unexpected:
@@ -90,37 +99,30 @@ def _hf_model(cfg, params, torch_dtype):
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _median_time(fn, reps):
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
-def _time_ours(cfg, params, prompts, args, n):
+def _ours(cfg, params, prompts, args):
+  """A no-argument call that samples the whole batch once (fresh seed each call)."""
   import jax
   from ropd_jax import sampling
   scfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                 max_new_tokens=args.new, n=n, stop_token_ids=())
+                                 max_new_tokens=args.new, n=args.n, stop_token_ids=())
   ids_bt, lengths_b = sampling.pad_prompts(prompts, scfg)
   calls = iter(range(10 ** 6))
 
   def run():
     ro = sampling.sample(params, ids_bt, lengths_b, jax.random.key(next(calls)), cfg, scfg)
-    jax.block_until_ready(ro.tokens_bt)
-    return ro
+    lengths = np.asarray(ro.lengths_b)   # host copy: waits for the device
+    assert lengths.min() == args.new, "a row stopped early; stops should be off"
 
-  t0 = time.perf_counter()
-  ro = run()
-  first = time.perf_counter() - t0
-  assert int(np.asarray(ro.lengths_b).min()) == args.new, "a row stopped early; stops should be off"
-  med, times = _median_time(run, args.reps)
-  return first, med, times
+  return run
 
 
-def _time_hf(model, prompts, args, device, batch):
+def _hf(model, prompts, args, device, batch):
   import torch
   # HF decoder-only batching needs left padding.
   width = max(len(p) for p in prompts)
@@ -142,8 +144,47 @@ def _time_hf(model, prompts, args, device, batch):
     if device != "cpu":
       torch.cuda.synchronize()
 
-  run()   # warm-up
-  return _median_time(run, args.reps)
+  return run
+
+
+def _breakdown(cfg, params, prompts, args, whole_s):
+  """Where a call's time goes: prefill (a 1-token call), the model's decode step, the draw."""
+  import jax
+  import jax.numpy as jnp
+  from ropd_jax import sampling
+  rows = len(prompts) * args.n
+  one = argparse.Namespace(**{**vars(args), "new": 1})
+  prefill = _ours(cfg, params, prompts, one)
+  prefill()
+  prefill_s = min(_timed(prefill) for _ in range(args.reps))
+  scfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  slots = sampling._bucket(max(map(len, prompts)), scfg.prompt_buckets) + args.new
+  dec = jax.jit(lambda p: sampling._decode_params(p, cfg))(params)
+  shape = (rows, cfg.num_kv_heads, slots, cfg.head_dim)
+  kv = tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+             for _ in range(cfg.num_layers))
+  tok_r = jnp.ones((rows,), jnp.int32)
+  pos_r = jnp.full((rows,), slots - args.new // 2, jnp.int32)   # a mid-generation position
+  step = jax.jit(lambda d, t, p, kv: sampling._decode_step(d, t, p, kv, cfg), donate_argnums=(3,))
+  draw = jax.jit(lambda lg, k: sampling.draw(lg, k, scfg))
+  keys = jax.random.split(jax.random.key(0), rows)
+  logits, kv = step(dec, tok_r, pos_r, kv)
+  jax.block_until_ready(draw(logits, keys))
+  step_s, draw_s = [], []
+  for _ in range(max(args.reps, 5)):
+    t0 = time.perf_counter()
+    logits, kv = step(dec, tok_r, pos_r, kv)
+    jax.block_until_ready(kv)
+    step_s.append(time.perf_counter() - t0)
+    draw_s.append(_timed(lambda: jax.block_until_ready(draw(logits, keys))))
+  per_step = (whole_s - prefill_s) / max(args.new - 1, 1)
+  print(f"breakdown (ours): prefill + first draw {prefill_s:.3f}s; loop {per_step * 1e3:.2f} ms/step, of "
+        f"which model step alone {min(step_s) * 1e3:.2f} ms (cache {slots} slots), draw alone "
+        f"{min(draw_s) * 1e3:.2f} ms")
+
+
+def _fmt(times):
+  return f"best {min(times):.3f}s, median {statistics.median(times):.3f}s over {len(times)}"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -171,28 +212,46 @@ def main(argv=None):
   lens = [len(p) for p in prompts]
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
         f"model {cfg.model_type} L={cfg.num_layers} d={cfg.hidden_size} V={cfg.vocab_size} {dtype_name}; "
-        f"{len(prompts)} prompts x n={args.n} = {batch} rows, prompt tokens {min(lens)}..{max(lens)}, "
-        f"{args.new} new; T={args.temperature} top_p={args.top_p} top_k={args.top_k}")
-  first, ours, ours_all = _time_ours(cfg, params, prompts, args, args.n)
-  new_tokens = batch * args.new
-  print(f"ours: first call (compile + run) {first:.2f}s; {ours:.3f}s per call "
-        f"({', '.join(f'{t:.3f}' for t in ours_all)}) -> {new_tokens / ours:,.0f} new tok/s")
+        f"{len(prompts)} prompts x n={args.n} = {batch} rows, prompt tokens {min(lens)}..{max(lens)} "
+        f"(sum {sum(lens)}), {args.new} new; T={args.temperature} top_p={args.top_p} top_k={args.top_k}")
+  sides = {"ours": _ours(cfg, params, prompts, args)}
+  first = _timed(sides["ours"])
+  print(f"ours: first call (compile + run) {first:.2f}s")
   if not args.skip_hf:
     import torch
-    if not args.gpu_shape:
-      torch.set_num_threads(os.cpu_count())
-    device = "cuda" if args.gpu_shape else "cpu"
-    torch_dtype = torch.bfloat16 if args.gpu_shape else torch.float32
-    hf = _hf_model(cfg, params, torch_dtype).to(device)
-    hf_prompts = [p for p in prompts for _ in range(args.n)]   # HF has no shared-prefill groups
+    import transformers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = _hf_model(cfg, params, torch.bfloat16 if args.gpu_shape else torch.float32).to(device)
+    hf_prompts = [p for p in prompts for _ in range(args.n)]   # no shared-prefill groups in HF
     hf_batch = args.hf_batch or batch
-    hf_time, hf_all = _time_hf(hf, hf_prompts, args, device, hf_batch)
-    print(f"transformers {__import__('transformers').__version__} generate (torch "
-          f"{torch.__version__}, batch {hf_batch}{', static cache' if args.hf_static else ''}): "
-          f"{hf_time:.3f}s per call ({', '.join(f'{t:.3f}' for t in hf_all)}) -> "
-          f"{new_tokens / hf_time:,.0f} new tok/s")
-    print(f"ratio ours / transformers: {hf_time / ours:.2f}x")
-  print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
+    run_hf = _hf(hf, hf_prompts, args, device, hf_batch)
+    threads = [None] if device != "cpu" else sorted(set(args.hf_threads or [1, os.cpu_count()]))
+    for n_threads in threads:
+      def run(n_threads=n_threads):
+        if n_threads:
+          torch.set_num_threads(n_threads)
+        run_hf()
+      name = "transformers" + (f" ({n_threads} thr)" if n_threads else "")
+      sides[name] = run
+      _timed(run)   # warm-up
+    print(f"transformers {transformers.__version__} generate (torch {torch.__version__}, batch {hf_batch}"
+          f"{', static cache' if args.hf_static else ', dynamic cache'})")
+  times = {name: [] for name in sides}
+  for _ in range(args.reps):
+    for name, run in sides.items():
+      times[name].append(_timed(run))
+  new_tokens = batch * args.new
+  for name, ts in times.items():
+    print(f"{name:>22}: {_fmt(ts)} -> {new_tokens / min(ts):,.1f} new tok/s (best), "
+          f"{new_tokens / statistics.median(ts):,.1f} (median)")
+  if args.breakdown:
+    _breakdown(cfg, params, prompts, args, min(times["ours"]))
+  hf_names = [name for name in times if name != "ours"]
+  if hf_names:
+    best = min(hf_names, key=lambda name: min(times[name]))
+    print(f"ratio ours / {best}: {min(times[best]) / min(times['ours']):.2f}x (best calls), "
+          f"{statistics.median(times[best]) / statistics.median(times['ours']):.2f}x (medians)")
+  print(f"load average (1 min) before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
         f"({os.cpu_count()} cpus)")
 
 

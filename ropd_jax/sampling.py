@@ -10,6 +10,12 @@ Layout. Prompts are right-padded: token t of row b sits at position t and, in th
 i*n .. i*n+n-1. Decode writes the token of step t at slot `length_b + t`, so padding slots of a short prompt
 are overwritten before any query can see them (a query at position p only sees slots 0..p).
 
+Decode runs the layers unrolled, each over its own cache buffer carried by the `while_loop`, so every
+step writes one slot in place; a stacked [L, ...] cache threaded through `lax.scan` is copied (sliced in,
+stacked out) every step instead, which is where a naive JAX decoder spends most of its time. The layer
+weights are sliced (and cast to the compute dtype) once per call for the same reason: while sampling
+they exist twice.
+
 Shapes are static: the prompt width is bucketed (`prompt_buckets`), the response buffer is
 `max_new_tokens` wide, so a steady-state trainer never recompiles. The loop stops early once every row
 has hit a stop token.
@@ -27,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

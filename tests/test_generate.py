@@ -2,7 +2,6 @@
 the printed text must equal the decoded argmax of repeated full forwards (an independent reference)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ropd_jax import generate, model, weights

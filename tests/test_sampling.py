@@ -76,6 +76,16 @@ def test_cached_greedy_equals_argmax_of_full_forwards(family):
   np.testing.assert_array_equal(np.asarray(ro.tokens_bt), expected)
 
 
+def test_prompts_within_a_bucket_reuse_the_compiled_sampler():
+  cfg, params, _ = _load("llama")
+  scfg = SamplingConfig(greedy=True, max_new_tokens=8, stop_token_ids=())
+  _sample(params, cfg, scfg)
+  compiled = sampling._sample_jit._cache_size()
+  _sample(params, cfg, scfg, prompts=[[4, 4, 4, 4, 4], [8, 9]])   # other lengths, same bucket (16)
+  _sample(params, cfg, scfg, prompts=[[7] * 16, [1]])
+  assert sampling._sample_jit._cache_size() == compiled
+
+
 # ------------------------------------------------------------------------------------------- logprobs
 
 
