@@ -12,7 +12,8 @@ clipping at 1.0, AdamW. The batch is B random-token rows of T tokens; the loss m
 each row (the last `--logits-window` tokens when a window is set), advantages are N(0, 1), and the old
 logprobs are the initial policy's, so the first step's loss and gradient norm must agree between the two
 sides (printed as a check). tokens/s counts all B x T tokens over the median wall time of `--steps` steps
-after one warm-up step (ours: the warm-up is the compile; its time is reported separately).
+after one warm-up step (ours: the warm-up is the compile; its time is reported separately). The timed steps
+alternate between the two sides, so on a shared machine a change of load hits both.
 
 With a logits window the transformers side gets the equivalent, `logits_to_keep=window + 1`, so both skip
 the prompt's vocabulary projection.
@@ -66,6 +67,8 @@ def _args(argv=None):
                  help="our per-layer remat (default: on with --gpu-shape, off on CPU)")
   p.add_argument("--torch-grad-ckpt", dest="torch_grad_ckpt", action="store_true",
                  help="transformers gradient checkpointing (the counterpart of our remat)")
+  p.add_argument("--sequential", action="store_true",
+                 help="time ours, then torch, instead of alternating steps (if both do not fit in memory)")
   p.add_argument("--skip-torch", dest="skip_torch", action="store_true", help="time our step only")
   p.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=989.0,
                  help="--gpu-shape: peak dense TFLOP/s for MFU (989 = H100 SXM bf16)")
@@ -137,20 +140,14 @@ def make_batch(cfg, params, batch: int, seq: int, response: int, seed: int = 0) 
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _timed(fn, steps: int):
-  """Runs fn once (warm-up), then `steps` times; returns (warm-up s, [step s], first result)."""
+def _clock(fn):
   t0 = time.perf_counter()
-  first = fn()
-  warm = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return warm, times, first
+  out = fn()
+  return time.perf_counter() - t0, out
 
 
-def time_ours(cfg, params, batch_np, rl_cfg, steps: int) -> dict[str, Any]:
+def prepare_ours(cfg, params, batch_np, rl_cfg):
+  """`run()` -> step metrics: one jitted train_step on our state, finished (block_until_ready)."""
   import jax
   import jax.numpy as jnp
   from ropd_jax import rl
@@ -162,12 +159,9 @@ def time_ours(cfg, params, batch_np, rl_cfg, steps: int) -> dict[str, Any]:
   def run():
     box["state"], metrics = step(box["state"], batch)
     jax.block_until_ready((box["state"], metrics))
-    return {k: float(v) for k, v in metrics.items()}
+    return float(metrics["loss"]), float(metrics["grad_norm"])
 
-  warm, times, m0 = _timed(run, steps)
-  med = statistics.median(times)
-  return dict(first_call_s=warm, compile_s=max(warm - med, 0.0), step_s=med, steps_s=times,
-              loss_step1=m0["loss"], grad_norm_step1=m0["grad_norm"])
+  return run
 
 
 def torch_model(cfg, params, device: str, grad_ckpt: bool = False):
@@ -198,8 +192,8 @@ def torch_ppo_loss(logp, old, adv_b, mask, clip_low: float, clip_high: float):
   return (pg * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def time_torch(cfg, params, batch_np, rl_cfg, steps: int, device: str, window: int = 0,
-               grad_ckpt: bool = False) -> dict[str, Any]:
+def prepare_torch(cfg, params, batch_np, rl_cfg, device: str, window: int = 0, grad_ckpt: bool = False):
+  """`run()` -> (loss, grad norm): forward, PPO loss, backward, clip_grad_norm_, AdamW.step(), finished."""
   import contextlib
   import torch
   model = torch_model(cfg, params, device, grad_ckpt)
@@ -232,35 +226,59 @@ def time_torch(cfg, params, batch_np, rl_cfg, steps: int, device: str, window: i
       torch.cuda.synchronize()
     return float(loss.detach()), float(norm)
 
-  warm, times, (loss0, norm0) = _timed(run, steps)
-  del model, opt
-  if device == "cuda":
-    torch.cuda.empty_cache()
-  return dict(first_call_s=warm, step_s=statistics.median(times), steps_s=times, loss_step1=loss0,
-              grad_norm_step1=norm0)
+  return run
+
+
+def _summary(first_s, times, step1, compile_known: bool) -> dict[str, Any]:
+  med = statistics.median(times)
+  out = dict(first_call_s=first_s, step_s=med, steps_s=times, loss_step1=step1[0], grad_norm_step1=step1[1])
+  if compile_known:   # our first call is trace + compile + one step
+    out["compile_s"] = max(first_s - med, 0.0)
+  return out
 
 
 def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int = 3, with_torch: bool = True,
                torch_device: str = "cpu", torch_grad_ckpt: bool = False, seed: int = 0,
-               peak_tflops: float | None = None) -> dict[str, Any]:
-  """One side-by-side measurement: ours, then transformers + torch, on the same weights and batch."""
+               peak_tflops: float | None = None, sequential: bool = False) -> dict[str, Any]:
+  """One side-by-side measurement on the same weights and batch.
+
+  After one warm-up step each, the timed steps alternate (ours, torch, ours, ...), so on a shared machine
+  both sides run under the same load; `sequential` runs one side, then the other (when both do not fit the
+  accelerator's memory at once).
+  """
   response = window or seq // 2
   batch_np = make_batch(cfg, params, batch, seq, response, seed)
   rl_cfg = dict(RL_DEFAULTS, logits_window=window)
   tokens = batch * seq
-  out: dict[str, Any] = dict(batch=batch, seq=seq, tokens=tokens, response_tokens=response, logits_window=window,
-                             steps=steps, ours=time_ours(cfg, params, batch_np, rl_cfg, steps))
-  out["ours"]["tok_s"] = tokens / out["ours"]["step_s"]
+  makers = {"ours": lambda: prepare_ours(cfg, params, batch_np, rl_cfg)}
   if with_torch:
-    out["torch"] = time_torch(cfg, params, batch_np, rl_cfg, steps, torch_device, window, torch_grad_ckpt)
-    out["torch"]["tok_s"] = tokens / out["torch"]["step_s"]
+    makers["torch"] = lambda: prepare_torch(cfg, params, batch_np, rl_cfg, torch_device, window, torch_grad_ckpt)
+  first: dict[str, tuple] = {}
+  times: dict[str, list[float]] = {name: [] for name in makers}
+  if sequential:   # one side at a time, the first one's state dropped before the second is built
+    for name, make in makers.items():
+      run = make()
+      first[name] = _clock(run)
+      times[name] = [_clock(run)[0] for _ in range(steps)]
+      del run
+  else:
+    sides = {name: make() for name, make in makers.items()}
+    first = {name: _clock(run) for name, run in sides.items()}
+    for _ in range(steps):
+      for name, run in sides.items():
+        times[name].append(_clock(run)[0])
+  out: dict[str, Any] = dict(batch=batch, seq=seq, tokens=tokens, response_tokens=response, logits_window=window,
+                             steps=steps, interleaved=not sequential)
+  for name in makers:
+    out[name] = _summary(first[name][0], times[name], first[name][1], compile_known=name == "ours")
+    out[name]["tok_s"] = tokens / out[name]["step_s"]
+  if with_torch:
     out["ratio_ours_over_torch"] = out["ours"]["tok_s"] / out["torch"]["tok_s"]
   if peak_tflops:
     six_n, with_attn = model_flops_per_token(cfg, params, seq)
-    for side in ("ours", "torch"):
-      if side in out:
-        out[side]["mfu"] = with_attn * out[side]["tok_s"] / (peak_tflops * 1e12)
-        out[side]["mfu_6n"] = six_n * out[side]["tok_s"] / (peak_tflops * 1e12)
+    for name in makers:
+      out[name]["mfu"] = with_attn * out[name]["tok_s"] / (peak_tflops * 1e12)
+      out[name]["mfu_6n"] = six_n * out[name]["tok_s"] / (peak_tflops * 1e12)
   return out
 
 
@@ -325,7 +343,7 @@ def main(argv=None):
   for window in windows:
     r = bench_case(cfg, params, batch=batch, seq=seq, window=window, steps=steps, with_torch=not args.skip_torch,
                    torch_device=torch_device, torch_grad_ckpt=args.torch_grad_ckpt, seed=args.seed,
-                   peak_tflops=args.peak_tflops if args.gpu_shape else None)
+                   peak_tflops=args.peak_tflops if args.gpu_shape else None, sequential=args.sequential)
     cases.append(r)
     print(f"case B={batch} T={seq}, loss on the last {r['response_tokens']} tokens of each row, "
           f"logits_window={window or 'off'}:")

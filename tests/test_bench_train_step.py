@@ -59,7 +59,8 @@ def test_one_step_each_side_gives_the_hand_loss_and_the_same_gradient_norm():
 
 
 def test_gpu_shape_mode_runs_tiny_on_cpu_and_prints_mfu(capsys):
-  result = bench.main(["--gpu-shape", "--tiny", "--no-wait", "--skip-torch", "--seq", "8", "--peak-tflops", "1"])
+  result = bench.main(["--gpu-shape", "--tiny", "--no-wait", "--skip-torch", "--sequential", "--seq", "8",
+                       "--peak-tflops", "1"])
   (case,) = result["cases"]
   assert result["model"]["dtype"] == "bfloat16" and result["model"]["remat"]
   six_n, _ = bench.model_flops_per_token(model.ModelConfig(**dict(bench.QWEN3_06B, **bench.TINY)),
