@@ -65,6 +65,9 @@ class SamplingConfig:
   # only a few shapes.
   prompt_buckets: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
                                      3072, 4096)
+  # Prefill prompts sorted by length in this many equal groups, each padded to its own bucket: less work
+  # on padding when lengths vary (the group count is lowered until it divides the batch; 1 on a mesh).
+  prefill_groups: int = 4
   truncate_prompt: bool = False   # keep the last tokens of a too-long prompt instead of raising
   pad_id: int = 0                 # written after a row's end in tokens_bt
 
@@ -80,6 +83,8 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an int >= 0; use 0 to disable top-k.")
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an int >= 1.")
+    if not isinstance(self.prefill_groups, int) or self.prefill_groups < 1:
+      raise ValueError(f"SamplingConfig.prefill_groups={self.prefill_groups!r}: must be an int >= 1.")
     if not self.prompt_buckets or min(self.prompt_buckets) < 1:
       raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets!r}: need positive widths.")
     if self.stop_token_ids is not None:
@@ -182,24 +187,55 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   vocab over `tensor`); the prompt batch is padded to a multiple of the batch shards and the padding rows
   are dropped again.
   """
-  scfg, mcfg = sampling_cfg, model_cfg
+  scfg, mcfg, n = sampling_cfg, model_cfg, sampling_cfg.n
   ids_bt, lengths_b = _check_prompts(np.asarray(prompt_ids_bt), np.asarray(prompt_lengths_b), mcfg, scfg)
   b = ids_bt.shape[0]
-  shards = _batch_shards(mesh)
-  pad_rows = -b % shards
+  pad_rows = -b % _batch_shards(mesh)
   if pad_rows:  # dummy one-token prompts, marked done from the start
     ids_bt = np.concatenate([ids_bt, np.full((pad_rows, ids_bt.shape[1]), scfg.pad_id, np.int32)])
     lengths_b = np.concatenate([lengths_b, np.ones(pad_rows, np.int32)])
   live_b = np.arange(ids_bt.shape[0]) < b
+  groups = _prefill_groups(lengths_b, scfg, mesh)
+  order_b = np.concatenate([g for g, _ in groups])          # prompts in prefill order
+  ids_bt, lengths_b, live_b = ids_bt[order_b], lengths_b[order_b], live_b[order_b]
+  row_ids_r = (order_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)   # seeds: original ids
+  slots = ids_bt.shape[1] + scfg.max_new_tokens
   if mesh is not None:
     params = jax.device_put(params, param_shardings(params, mesh))
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     ids_bt = jax.device_put(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
-    lengths_b, live_b = jax.device_put(lengths_b, rows), jax.device_put(live_b, rows)
-  out = _sample_jit(params, ids_bt, lengths_b, live_b, rng, mcfg, scfg, mesh)
+    lengths_b, live_b, row_ids_r = (jax.device_put(x, rows) for x in (lengths_b, live_b, row_ids_r))
+  kv, logits, start = None, [], 0
+  for group_b, width in groups:
+    stop = start + len(group_b)
+    whole = len(groups) == 1   # on a mesh: no slicing of sharded arrays
+    lg, kv = _prefill_jit(params, ids_bt if whole else ids_bt[start:stop, :width],
+                          lengths_b if whole else lengths_b[start:stop], kv, np.int32(start * n), mcfg, n,
+                          len(order_b) * n, slots, mesh)
+    logits.append(lg)
+    start = stop
+  logits_bv = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
+  out, _ = _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg, scfg, mesh)
+  if len(groups) > 1:   # back to the caller's order: row i*n + j is rollout j of prompt i
+    src_r = np.argsort(row_ids_r)
+    out = jax.tree.map(lambda x: x[src_r], out)
   if pad_rows:
-    out = jax.tree.map(lambda x: x[:b * scfg.n], out)
+    out = jax.tree.map(lambda x: x[:b * n], out)
   return out
+
+
+def _prefill_groups(lengths_b: np.ndarray, scfg: SamplingConfig, mesh) -> list[tuple[np.ndarray, int]]:
+  """[(prompt indices, padded width)] of each prefill call: equal groups of length-sorted prompts."""
+  b = len(lengths_b)
+  whole = [(np.arange(b), _bucket(int(lengths_b.max()), scfg.prompt_buckets))]
+  if mesh is not None:   # a group per call would split the sharded batch unevenly
+    return whole
+  count = max(d for d in range(1, min(scfg.prefill_groups, b) + 1) if b % d == 0)
+  order = np.argsort(lengths_b, kind="stable")
+  groups = [(g, _bucket(int(lengths_b[g].max()), scfg.prompt_buckets)) for g in np.split(order, count)]
+  if all(width == whole[0][1] for _, width in groups):
+    return whole
+  return groups
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -348,33 +384,53 @@ def _pick(x_bv, idx_b):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _sample_jit(params, ids_bt, lengths_b, live_b, rng, mcfg: ModelConfig, scfg: SamplingConfig, mesh):
-  b, width = ids_bt.shape
-  n, new = scfg.n, scfg.max_new_tokens
-  r = b * n
-  stop_ids = jnp.asarray(scfg.stop_token_ids if scfg.stop_token_ids is not None else mcfg.eos_token_ids,
-                         jnp.int32).reshape(-1)
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9), donate_argnums=(3,))
+def _prefill_jit(params, ids_bt, lengths_b, kv, row_start, mcfg: ModelConfig, n: int, rows: int, slots: int,
+                 mesh):
+  """Prefills B prompts once, into a cache exactly as wide as their bucket; returns the logits of each
+  prompt's last token [B, V] and the decode cache with their n rollouts' rows from `row_start` filled in.
 
-  # Prefill each prompt once, into a cache exactly as wide as the prompt bucket.
+  The decode cache is one [rows, K, slots, E] buffer per layer (so the decode loop can update each in
+  place); `kv` holds them from the previous group, or is None for the first.
+  """
+  b, width = ids_bt.shape
   positions_bt = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
   cache = model_lib.init_cache(mcfg, b, width)
   hidden_btd, cache = model_lib.forward(params, ids_bt, mcfg, positions_bt=positions_bt, cache=cache,
                                         return_hidden=True)
   last_b1d = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)
   logits_bv = model_lib.lm_logits(params, last_b1d, mcfg)[:, 0]
+  whole = b * n == rows
 
-  # One buffer per layer, broadcast to the n rollouts of each prompt and widened for the response: the
-  # decode loop updates each in place (a stacked [L, ...] cache sliced per layer is copied every step).
-  def widen(c):
-    c = jnp.pad(jnp.repeat(c, n, axis=0), ((0, 0), (0, 0), (0, new), (0, 0)))
-    return _constrain(c, mesh, lambda m: _layer_cache_sharding(mcfg, m))
-  kv = tuple((widen(cache.k[i]), widen(cache.v[i])) for i in range(mcfg.num_layers))
-  del cache
+  def place(buf, c_bkse):
+    c_rkse = jnp.repeat(c_bkse, n, axis=0)
+    if whole:
+      c_rkse = jnp.pad(c_rkse, ((0, 0), (0, 0), (0, slots - width), (0, 0)))
+      return _constrain(c_rkse, mesh, lambda m: _layer_cache_sharding(mcfg, m))
+    if buf is None:
+      buf = jnp.zeros((rows, mcfg.num_kv_heads, slots, mcfg.head_dim), c_bkse.dtype)
+    return jax.lax.dynamic_update_slice(buf, c_rkse, (row_start, 0, 0, 0))
+
+  kv = kv or ((None, None),) * mcfg.num_layers
+  kv = tuple((place(k, cache.k[i]), place(v, cache.v[i])) for i, (k, v) in enumerate(kv))
+  return logits_bv, kv
+
+
+@functools.partial(jax.jit, static_argnums=(8, 9, 10), donate_argnums=(1,))
+def _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg: ModelConfig,
+                scfg: SamplingConfig, mesh):
+  """The first draw from the prefill logits, then a `while_loop` of decode steps until every row stopped
+  or max_new_tokens. Returns the cache too, only so that the donated `kv` buffers can be the loop's own
+  (updated in place, not copied first)."""
+  b = ids_bt.shape[0]
+  n, new = scfg.n, scfg.max_new_tokens
+  r = b * n
+  stop_ids = jnp.asarray(scfg.stop_token_ids if scfg.stop_token_ids is not None else mcfg.eos_token_ids,
+                         jnp.int32).reshape(-1)
   dec = _decode_params(params, mcfg)
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
   logits_rv, plen_r, live_r = rep(logits_bv), rep(lengths_b), rep(live_b)
-  row_keys_r = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(r, dtype=jnp.uint32))
+  row_keys_r = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids_r.astype(jnp.uint32))
 
   def step_keys(t):
     return jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys_r)
@@ -409,10 +465,10 @@ def _sample_jit(params, ids_bt, lengths_b, live_b, rng, mcfg: ModelConfig, scfg:
     return (t + 1, tok_r, kv, tokens_rn, logp_rn, pol_rn, done_r | hit_r, len_r, stopped_r | hit_r)
 
   state = jax.lax.while_loop(cond, body, state)
-  _, _, _, tokens_rn, logp_rn, pol_rn, _, len_r, stopped_r = state
+  _, _, kv, tokens_rn, logp_rn, pol_rn, _, len_r, stopped_r = state
   return Rollouts(prompt_ids=rep(ids_bt), prompt_lengths_b=plen_r, tokens_bt=tokens_rn, lengths_b=len_r,
                   finished_b=stopped_r, logprobs_bt=logp_rn, policy_logprobs_bt=pol_rn,
-                  group_b=jnp.arange(r, dtype=jnp.int32) // n)
+                  group_b=row_ids_r // n), kv
 
 
 def _decode_params(params, mcfg: ModelConfig):

@@ -79,11 +79,12 @@ def test_cached_greedy_equals_argmax_of_full_forwards(family):
 def test_prompts_within_a_bucket_reuse_the_compiled_sampler():
   cfg, params, _ = _load("llama")
   scfg = SamplingConfig(greedy=True, max_new_tokens=8, stop_token_ids=())
+  compiled = lambda: sampling._prefill_jit._cache_size() + sampling._decode_jit._cache_size()  # noqa: E731
   _sample(params, cfg, scfg)
-  compiled = sampling._sample_jit._cache_size()
+  before = compiled()
   _sample(params, cfg, scfg, prompts=[[4, 4, 4, 4, 4], [8, 9]])   # other lengths, same bucket (16)
   _sample(params, cfg, scfg, prompts=[[7] * 16, [1]])
-  assert sampling._sample_jit._cache_size() == compiled
+  assert compiled() == before
 
 
 # ------------------------------------------------------------------------------------------- logprobs
@@ -212,6 +213,30 @@ def test_groups_share_one_prefill_and_rows_are_reproducible(monkeypatch):
   # A row's draws depend on (seed, row id) only: dropping the second prompt leaves rows 0..2 alone.
   alone = _sample(params, cfg, scfg, prompts=PROMPTS[:1], seed=5)
   np.testing.assert_array_equal(np.asarray(alone.tokens_bt), tokens[:3])
+
+
+def test_length_sorted_prefill_groups_equal_one_padded_prefill(monkeypatch):
+  cfg, params, _ = _load("qwen2")
+  rng = np.random.default_rng(1)
+  lengths = [40, 3, 20, 5, 33, 9, 2, 17]
+  prompts = [rng.integers(3, 90, size=k).tolist() for k in lengths]
+  scfg = SamplingConfig(temperature=1.1, top_p=0.95, max_new_tokens=4, n=2, stop_token_ids=())
+  one = _sample(params, cfg, scfg.replace(prefill_groups=1), prompts=prompts, seed=8)
+  widths = []
+  real_forward = model.forward
+
+  def spy(params, tokens_bt, *a, **kw):
+    widths.append(tokens_bt.shape)
+    return real_forward(params, tokens_bt, *a, **kw)
+
+  monkeypatch.setattr(model, "forward", spy)
+  grouped = _sample(params, cfg, scfg.replace(prefill_groups=4), prompts=prompts, seed=8)
+  monkeypatch.undo()
+  # sorted lengths 2 3 | 5 9 | 17 20 | 33 40 -> buckets 16, 16, 32, 48 (one jit per width)
+  assert sorted(set(widths)) == [(2, 16), (2, 32), (2, 48)]
+  for name in ("tokens_bt", "lengths_b", "prompt_ids", "prompt_lengths_b", "group_b"):
+    np.testing.assert_array_equal(np.asarray(getattr(grouped, name)), np.asarray(getattr(one, name)))
+  np.testing.assert_allclose(np.asarray(grouped.logprobs_bt), np.asarray(one.logprobs_bt), atol=1e-5)
 
 
 def test_stop_tokens_end_rows_and_pad_the_rest():
