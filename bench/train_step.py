@@ -12,8 +12,8 @@ clipping at 1.0, AdamW. The batch is B random-token rows of T tokens; the loss m
 each row (the last `--logits-window` tokens when a window is set), advantages are N(0, 1), and the old
 logprobs are the initial policy's, so the first step's loss and gradient norm must agree between the two
 sides (printed as a check). tokens/s counts all B x T tokens over the median wall time of `--steps` steps
-after one warm-up step (ours: the warm-up is the compile; its time is reported separately). The timed steps
-alternate between the two sides, so on a shared machine a change of load hits both.
+after one warm-up step; our warm-up includes the compile, whose time (as jax reports it) is printed apart.
+The timed steps alternate between the two sides, so on a shared machine a change of load hits both.
 
 With a logits window the transformers side gets the equivalent, `logits_to_keep=window + 1`, so both skip
 the prompt's vocabulary projection.
@@ -146,6 +146,22 @@ def _clock(fn):
   return time.perf_counter() - t0, out
 
 
+_COMPILE_S: list[float] = []   # jax trace + lowering + backend compile durations, appended as jax reports them
+
+
+def _compile_seconds_during(fn):
+  """(fn's result, seconds jax spent compiling inside it): measured, not inferred from wall times, which a
+  shared machine's load would skew."""
+  from jax import monitoring
+  if not getattr(_compile_seconds_during, "listening", False):
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **_: _COMPILE_S.append(secs) if name.startswith("/jax/core/compile/") else None)
+    _compile_seconds_during.listening = True
+  before = len(_COMPILE_S)
+  out = fn()
+  return out, float(sum(_COMPILE_S[before:]))
+
+
 def prepare_ours(cfg, params, batch_np, rl_cfg):
   """`run()` -> step metrics: one jitted train_step on our state, finished (block_until_ready)."""
   import jax
@@ -229,11 +245,11 @@ def prepare_torch(cfg, params, batch_np, rl_cfg, device: str, window: int = 0, g
   return run
 
 
-def _summary(first_s, times, step1, compile_known: bool) -> dict[str, Any]:
-  med = statistics.median(times)
-  out = dict(first_call_s=first_s, step_s=med, steps_s=times, loss_step1=step1[0], grad_norm_step1=step1[1])
-  if compile_known:   # our first call is trace + compile + one step
-    out["compile_s"] = max(first_s - med, 0.0)
+def _summary(first_s, times, step1, compile_s: float | None) -> dict[str, Any]:
+  out = dict(first_call_s=first_s, step_s=statistics.median(times), steps_s=times, loss_step1=step1[0],
+             grad_norm_step1=step1[1])
+  if compile_s is not None:
+    out["compile_s"] = compile_s
   return out
 
 
@@ -255,22 +271,30 @@ def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int
     makers["torch"] = lambda: prepare_torch(cfg, params, batch_np, rl_cfg, torch_device, window, torch_grad_ckpt)
   first: dict[str, tuple] = {}
   times: dict[str, list[float]] = {name: [] for name in makers}
+  compile_s: dict[str, float | None] = {name: None for name in makers}
+
+  def warm_up(name, run):
+    if name != "ours":
+      return _clock(run)
+    out, compile_s[name] = _compile_seconds_during(lambda: _clock(run))
+    return out
+
   if sequential:   # one side at a time, the first one's state dropped before the second is built
     for name, make in makers.items():
       run = make()
-      first[name] = _clock(run)
+      first[name] = warm_up(name, run)
       times[name] = [_clock(run)[0] for _ in range(steps)]
       del run
   else:
     sides = {name: make() for name, make in makers.items()}
-    first = {name: _clock(run) for name, run in sides.items()}
+    first = {name: warm_up(name, run) for name, run in sides.items()}
     for _ in range(steps):
       for name, run in sides.items():
         times[name].append(_clock(run)[0])
   out: dict[str, Any] = dict(batch=batch, seq=seq, tokens=tokens, response_tokens=response, logits_window=window,
                              steps=steps, interleaved=not sequential)
   for name in makers:
-    out[name] = _summary(first[name][0], times[name], first[name][1], compile_known=name == "ours")
+    out[name] = _summary(first[name][0], times[name], first[name][1], compile_s[name])
     out[name]["tok_s"] = tokens / out[name]["step_s"]
   if with_torch:
     out["ratio_ours_over_torch"] = out["ours"]["tok_s"] / out["torch"]["tok_s"]

@@ -52,6 +52,7 @@ def test_one_step_each_side_gives_the_hand_loss_and_the_same_gradient_norm():
   assert r["ours"]["loss_step1"] == pytest.approx(-adv.mean(), abs=1e-6)
   assert r["ours"]["tok_s"] == pytest.approx(24 / r["ours"]["step_s"])
   assert r["ours"]["grad_norm_step1"] > 0
+  assert 0 < r["ours"]["compile_s"] < r["ours"]["first_call_s"]  # jax's own compile report, inside the first call
   if HAS_TORCH:  # the torch half: same loss definition, same weights, so the same first step
     assert r["torch"]["loss_step1"] == pytest.approx(-adv.mean(), abs=1e-6)
     assert r["torch"]["grad_norm_step1"] == pytest.approx(r["ours"]["grad_norm_step1"], rel=1e-4)
