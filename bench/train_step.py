@@ -68,7 +68,8 @@ def _args(argv=None):
   p.add_argument("--torch-grad-ckpt", dest="torch_grad_ckpt", action="store_true",
                  help="transformers gradient checkpointing (the counterpart of our remat)")
   p.add_argument("--sequential", action="store_true",
-                 help="time ours, then torch, instead of alternating steps (if both do not fit in memory)")
+                 help="time ours, then torch, instead of alternating steps: half the peak memory (both sides "
+                      "alive at once need ~14 GiB of host RAM in CPU mode)")
   p.add_argument("--skip-torch", dest="skip_torch", action="store_true", help="time our step only")
   p.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=989.0,
                  help="--gpu-shape: peak dense TFLOP/s for MFU (989 = H100 SXM bf16)")
@@ -262,6 +263,7 @@ def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int
   both sides run under the same load; `sequential` runs one side, then the other (when both do not fit the
   accelerator's memory at once).
   """
+  load_start = os.getloadavg()[0]
   response = window or seq // 2
   batch_np = make_batch(cfg, params, batch, seq, response, seed)
   rl_cfg = dict(RL_DEFAULTS, logits_window=window)
@@ -292,7 +294,8 @@ def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int
       for name, run in sides.items():
         times[name].append(_clock(run)[0])
   out: dict[str, Any] = dict(batch=batch, seq=seq, tokens=tokens, response_tokens=response, logits_window=window,
-                             steps=steps, interleaved=not sequential)
+                             steps=steps, interleaved=not sequential, load_start=load_start,
+                             load_end=os.getloadavg()[0])
   for name in makers:
     out[name] = _summary(first[name][0], times[name], first[name][1], compile_s[name])
     out[name]["tok_s"] = tokens / out[name]["step_s"]
@@ -320,6 +323,11 @@ def wait_for_load(max_load: float, max_wait: float, poll: float = 30.0) -> float
   if load >= max_load:
     print(f"load average still {load:.2f} after {max_wait:.0f}s; measuring anyway", flush=True)
   return load
+
+
+def _max_rss_gb() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
 
 
 def _fmt_side(name, r):
@@ -370,7 +378,8 @@ def main(argv=None):
                    peak_tflops=args.peak_tflops if args.gpu_shape else None, sequential=args.sequential)
     cases.append(r)
     print(f"case B={batch} T={seq}, loss on the last {r['response_tokens']} tokens of each row, "
-          f"logits_window={window or 'off'}:")
+          f"logits_window={window or 'off'}, {'alternating' if r['interleaved'] else 'one side after the other'}"
+          f" (load {r['load_start']:.2f} -> {r['load_end']:.2f}):")
     print(_fmt_side("ours (jax train_step)", r["ours"]))
     if "torch" in r:
       print(_fmt_side("transformers + torch AdamW", r["torch"]))
@@ -379,7 +388,7 @@ def main(argv=None):
             f"vs {t['loss_step1']:.6f}, grad norm {o['grad_norm_step1']:.6f} vs {t['grad_norm_step1']:.6f}",
             flush=True)
   load_after = os.getloadavg()[0]
-  print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f}")
+  print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f}; peak RSS {_max_rss_gb():.1f} GiB")
   result = dict(bench="train_step", mode="gpu-shape" if args.gpu_shape else "cpu", tiny=args.tiny,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), device=dev.device_kind,
                 backend=jax.default_backend(), cpus=os.cpu_count(), machine=platform.machine(),
@@ -388,7 +397,7 @@ def main(argv=None):
                            vocab=cfg.vocab_size, params=param_count(params), param_dtype=cfg.param_dtype,
                            dtype=cfg.dtype, remat=cfg.remat),
                 peak_tflops=args.peak_tflops if args.gpu_shape else None,
-                load_before=load_before, load_after=load_after, cases=cases)
+                load_before=load_before, load_after=load_after, max_rss_gb=_max_rss_gb(), cases=cases)
   print(json.dumps(result))
   return result
 
