@@ -18,7 +18,11 @@ def get_config():
   c.model.path = ""
   c.model.dtype = "float32"    # CPUs have no fast bf16 matmul
   c.model.remat = False        # activations are small at this size
-  c.chat.system_prompt = "You are a careful math tutor. Solve the problem step by step."
+  # A one-shot example of the answer format: without it SmolLM2 rarely writes '#### N', so most groups
+  # would have no reward variance to learn from.
+  c.chat.system_prompt = ("You are a careful math tutor. Solve the problem in a few short steps, then write "
+                          "the final answer on its own last line.\nExample:\nTom has 3 bags with 4 apples "
+                          "each. 3 * 4 = 12.\n#### 12")
   c.chat.instruction = "Give the final answer on the last line as '#### <number>'."
   c.data.source = "gsm_symbolic"
   c.data.gsm_num_variants = 300        # template variants besides the 100 originals
