@@ -37,6 +37,9 @@ def _args(argv=None):
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--reps", type=int, default=3, help="timed calls per side (median reported)")
+  p.add_argument("--cores", type=int, default=None,
+                 help="pin the whole process (XLA's thread pool and torch) to this many cores; torch gets "
+                      "as many threads. On a shared machine 1 core each is the steadiest like-for-like")
   p.add_argument("--skip_hf", action="store_true", help="time our sampler only")
   p.add_argument("--breakdown", action="store_true",
                  help="also time our prefill alone, one decode step (model only) and one draw")
@@ -194,6 +197,9 @@ def main(argv=None):
   args = _args(argv)
   if args.gpu_shape:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the card
+  if args.cores:   # before JAX starts: XLA sizes its CPU thread pool from the affinity mask
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+    args.hf_threads = [args.cores]
   import jax
   batch = args.batch or (256 if args.gpu_shape else 16)
   args.new = args.new or (256 if args.gpu_shape else 128)
@@ -252,7 +258,7 @@ def main(argv=None):
     print(f"ratio ours / {best}: {min(times[best]) / min(times['ours']):.2f}x (best calls), "
           f"{statistics.median(times[best]) / statistics.median(times['ours']):.2f}x (medians)")
   print(f"load average (1 min) before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
-        f"({os.cpu_count()} cpus)")
+        f"({os.cpu_count()} cpus, this process on {len(os.sched_getaffinity(0))})")
 
 
 if __name__ == "__main__":

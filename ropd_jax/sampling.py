@@ -296,7 +296,11 @@ def _rows_spec(ndim):
 def _threshold(probs_bv, enough: Callable[[jax.Array], jax.Array]):
   """Largest probability tau per row with `enough(probs >= tau)`, for a condition that holds at tau = 0
   and only weakens as tau grows. Exact: bisection over the int32 bit patterns of the (non-negative)
-  float32 probabilities, which order like the values. Returns tau's bit pattern [B]."""
+  float32 probabilities, which order like the values. Returns tau's bit pattern [B].
+
+  31 masked reductions over the vocabulary instead of a sort: at 16 x 49k on one CPU core, top-p costs
+  ~6 ms this way against ~140 ms for `jnp.sort`; `lax.top_k` inside this function fell back to a sort
+  (~130 ms) too, so top-k uses the same bisection (~7 ms)."""
   bits_bv = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
   lo = jnp.zeros(probs_bv.shape[:1], jnp.int32)               # enough(all tokens) holds
   hi = jnp.max(bits_bv, axis=-1) + 1                           # nothing is >= hi: enough fails
