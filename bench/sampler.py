@@ -2,6 +2,8 @@
 
     python bench/sampler.py                 # CPU: SmolLM2-135M (offline GGUF), 16 chat prompts x 128 new, fp32
     python bench/sampler.py --top_p=0.95    # the same with nucleus sampling on both sides
+    python bench/sampler.py --cores=1       # XLA and torch pinned to one core each (shared machines)
+    python bench/sampler.py --breakdown     # + our prefill alone, one decode step, one draw
     python bench/sampler.py --gpu-shape     # Qwen3-0.6B shape, random bf16, 256 rollouts, 128 prompt + 256 new
     python bench/sampler.py --gpu-shape --n=8 --hf_batch=64   # GRPO groups (32 prompts x 8), HF at batch 64
 
