@@ -215,7 +215,9 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
     logits.append(lg)
     start = stop
   logits_bv = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
-  out, _ = _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg, scfg, mesh)
+  # Host-side fields do not reach the decode jit, so changing them does not recompile it.
+  dcfg = scfg.replace(stop_strings=(), prompt_buckets=(1,), prefill_groups=1, truncate_prompt=False)
+  out, _ = _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg, dcfg, mesh)
   if len(groups) > 1:   # back to the caller's order: row i*n + j is rollout j of prompt i
     src_r = np.argsort(row_ids_r)
     out = jax.tree.map(lambda x: x[src_r], out)

@@ -2,6 +2,7 @@
 the printed text must equal the decoded argmax of repeated full forwards (an independent reference)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ropd_jax import generate, model, weights
@@ -27,11 +28,14 @@ def tiny_dir(tmp_path_factory):
   return d, cfg, params, tokenizer.load_tokenizer(d)
 
 
-def _greedy_reference(params, cfg, ids, new):
-  step = jax.jit(lambda t: model.forward(params, t, cfg)[0][0, -1])
+def _greedy_reference(params, cfg, ids, new, width=64):
+  """Argmax of a full cache-free forward over the sequence so far, right-padded to one width."""
+  full = jax.jit(lambda t, v: model.forward(params, t, cfg, valid_bt=v)[0][0])
   seq = list(ids)
   for _ in range(new):
-    seq.append(int(jnp.argmax(step(jnp.asarray([seq])))))
+    toks, valid = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
+    toks[0, :len(seq)], valid[0, :len(seq)] = seq, True
+    seq.append(int(jnp.argmax(full(toks, valid)[len(seq) - 1])))
   return seq[len(ids):]
 
 
