@@ -48,6 +48,11 @@ def make_groups(sr: StepRollouts, n: int, index, instruction: str = "") -> list[
   return groups
 
 
+def answer_correct(answer: str, reference: str) -> bool:
+  """The math checker on the answer part of a rollout (text after any reasoning)."""
+  return math_answer.is_correct(rewards_lib.strip_reasoning(answer), reference)
+
+
 def correctness_results(groups: Sequence[rewards_lib.Group]) -> list[rewards_lib.GroupResult]:
   """The RLVR control: reward 1 for a correct final answer, 0 otherwise (needs reference answers)."""
   out = []
@@ -58,15 +63,14 @@ def correctness_results(groups: Sequence[rewards_lib.Group]) -> list[rewards_lib
           error={"stage": "input", "type": "no_reference",
                  "message": "reward=correctness needs an answer field in every data row"}))
       continue
-    scores = [float(math_answer.is_correct(rewards_lib.strip_reasoning(a), g.reference_answer))
-              for a in g.student_answers]
+    scores = [float(answer_correct(a, g.reference_answer)) for a in g.student_answers]
     out.append(rewards_lib.GroupResult(student_rewards=scores, teacher_scores=[]))
   return out
 
 
 def accuracy(groups: Sequence[rewards_lib.Group]) -> float | None:
   """Fraction of rollouts whose final answer is right; None when no prompt carries a reference answer."""
-  hits = [math_answer.is_correct(rewards_lib.strip_reasoning(a), g.reference_answer)
+  hits = [answer_correct(a, g.reference_answer)
           for g in groups if g.reference_answer for a in g.student_answers]
   return float(np.mean(hits)) if hits else None
 

@@ -174,10 +174,13 @@ class Run:
       return groups_lib.correctness_results(groups), 0.0
     results = future.result()
     failed = [i for i, r in enumerate(results) if not r.ok]
-    if len(failed) / len(results) > self.cfg.max_fallback_rate:  # quality gate: one retry of the failures
+    if self.over_gate(results):  # quality gate: one retry of the failures
       retried = self.runner.submit([groups[i] for i in failed]).result()
       results = groups_lib.merge_retry(results, retried, failed)
     return results, time.perf_counter() - t0
+
+  def over_gate(self, results) -> bool:
+    return sum(not r.ok for r in results) / len(results) > self.cfg.max_fallback_rate
 
   # -- update ----------------------------------------------------------------------------------------
   def update(self, sr: groups_lib.StepRollouts, groups, future, data_state_before: dict) -> dict:
@@ -192,11 +195,10 @@ class Run:
     metrics["response/truncated_fraction"] = float(np.mean(sr.truncated))
     metrics["throughput/tokens_per_s"] = float(lengths.sum()) / max(sr.sample_s, 1e-9)
     self.writer.write_artifacts(sr.step, groups_lib.artifact_rows(sr.step, groups, results))
-    fail_rate = sum(not r.ok for r in results) / len(results)
     batch, reward_stats = groups_lib.train_batch(sr, results, self.scfg.n, self.cfg.rl.normalize_adv_std,
                                                  self.ref_logprobs)
     metrics.update(reward_stats)
-    if fail_rate > self.cfg.max_fallback_rate:
+    if self.over_gate(results):  # still, after the retry
       metrics["gate/skipped"] = 1
       if self.cfg.on_gate == "stop":
         self._stop_at_gate(sr.step, results, data_state_before)
