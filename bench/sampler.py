@@ -31,6 +31,8 @@ def _args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gpu-shape", dest="gpu_shape", action="store_true",
                  help="Qwen3-0.6B-shaped random bf16 model, 256 rollouts, 128 prompt + 256 new tokens")
+  p.add_argument("--tiny", action="store_true",
+                 help="with --gpu-shape: 2 layers, 4k vocab, d=128 (a CPU smoke test of that mode)")
   p.add_argument("--batch", type=int, default=None, help="rollouts per call (16 CPU, 256 --gpu-shape)")
   p.add_argument("--n", type=int, default=1, help="rollouts per prompt (prompts = batch / n)")
   p.add_argument("--new", type=int, default=None, help="new tokens per rollout (128 CPU, 256 --gpu-shape)")
@@ -64,7 +66,7 @@ def _cpu_model():
   return cfg, params, tok
 
 
-def _gpu_shape_model():
+def _gpu_shape_model(tiny: bool = False):
   import jax
   from ropd_jax import model
   cfg = model.ModelConfig(
@@ -72,6 +74,9 @@ def _gpu_shape_model():
       num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
       max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True, param_dtype="bfloat16",
       dtype="bfloat16", eos_token_ids=(151645,))
+  if tiny:
+    cfg = cfg.replace(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, eos_token_ids=(7,))
   params = model.init_params(cfg, jax.random.key(0))
   return cfg, params
 
@@ -153,9 +158,11 @@ def _hf(model, prompts, args, device, batch):
 
 
 def _breakdown(cfg, params, prompts, args, whole_s):
-  """Where a call's time goes: prefill (a 1-token call), the model's decode step, the draw."""
+  """Where a call's time goes: prefill (a 1-token call), the model's decode step at the full cache and at
+  a 64-slot cache (the difference is attention over the cache and its update), the lm_head, the draw."""
   import jax
   import jax.numpy as jnp
+  from ropd_jax import model as model_lib
   from ropd_jax import sampling
   rows = len(prompts) * args.n
   one = argparse.Namespace(**{**vars(args), "new": 1})
@@ -165,27 +172,40 @@ def _breakdown(cfg, params, prompts, args, whole_s):
   scfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
   slots = sampling._bucket(max(map(len, prompts)), scfg.prompt_buckets) + args.new
   dec = jax.jit(lambda p: sampling._decode_params(p, cfg))(params)
-  shape = (rows, cfg.num_kv_heads, slots, cfg.head_dim)
-  kv = tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-             for _ in range(cfg.num_layers))
-  tok_r = jnp.ones((rows,), jnp.int32)
-  pos_r = jnp.full((rows,), slots - args.new // 2, jnp.int32)   # a mid-generation position
   step = jax.jit(lambda d, t, p, kv: sampling._decode_step(d, t, p, kv, cfg), donate_argnums=(3,))
   draw = jax.jit(lambda lg, k: sampling.draw(lg, k, scfg))
+  head = jax.jit(lambda top, x: model_lib.lm_logits(top, x, cfg))
   keys = jax.random.split(jax.random.key(0), rows)
-  logits, kv = step(dec, tok_r, pos_r, kv)
-  jax.block_until_ready(draw(logits, keys))
-  step_s, draw_s = [], []
-  for _ in range(max(args.reps, 5)):
-    t0 = time.perf_counter()
+  tok_r = jnp.ones((rows,), jnp.int32)
+  x_r1d = jnp.ones((rows, 1, cfg.hidden_size), cfg.compute_dtype)
+
+  def step_ms(width):
+    shape = (rows, cfg.num_kv_heads, width, cfg.head_dim)
+    kv = tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+               for _ in range(cfg.num_layers))
+    pos_r = jnp.full((rows,), width - max(args.new // 2, 1), jnp.int32)   # a mid-generation position
     logits, kv = step(dec, tok_r, pos_r, kv)
-    jax.block_until_ready(kv)
-    step_s.append(time.perf_counter() - t0)
-    draw_s.append(_timed(lambda: jax.block_until_ready(draw(logits, keys))))
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(max(args.reps, 5)):
+      t0 = time.perf_counter()
+      logits, kv = step(dec, tok_r, pos_r, kv)
+      jax.block_until_ready(kv)
+      times.append(time.perf_counter() - t0)
+    return min(times) * 1e3, logits
+
+  full_ms, logits = step_ms(slots)
+  short = min(64, slots)
+  short_ms, _ = step_ms(short) if short < slots else (full_ms, None)
+  jax.block_until_ready(draw(logits, keys))
+  jax.block_until_ready(head(dec[0], x_r1d))
+  reps = range(max(args.reps, 5))
+  draw_ms = min(_timed(lambda: jax.block_until_ready(draw(logits, keys))) for _ in reps) * 1e3
+  head_ms = min(_timed(lambda: jax.block_until_ready(head(dec[0], x_r1d))) for _ in reps) * 1e3
   per_step = (whole_s - prefill_s) / max(args.new - 1, 1)
   print(f"breakdown (ours): prefill + first draw {prefill_s:.3f}s; loop {per_step * 1e3:.2f} ms/step, of "
-        f"which model step alone {min(step_s) * 1e3:.2f} ms (cache {slots} slots), draw alone "
-        f"{min(draw_s) * 1e3:.2f} ms")
+        f"which model step alone {full_ms:.2f} ms at {slots} cache slots ({short_ms:.2f} ms at {short}; "
+        f"lm_head alone {head_ms:.2f} ms), draw alone {draw_ms:.2f} ms")
 
 
 def _fmt(times):
@@ -209,7 +229,7 @@ def main(argv=None):
     raise SystemExit(f"--batch={batch} must be a multiple of --n={args.n}")
   load0 = os.getloadavg()
   if args.gpu_shape:
-    cfg, params = _gpu_shape_model()
+    cfg, params = _gpu_shape_model(args.tiny)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch // args.n)]
     dtype_name = "bfloat16"

@@ -313,7 +313,7 @@ def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig, heads_major: 
   return out.reshape(b, t, h * e).astype(q_bthe.dtype)
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, cache_kv):
+def decoder_layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, cache_kv):
   """One transformer block. `cache_kv` is None (training) or this layer's (k, v) [B, K, S, E]."""
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
@@ -387,7 +387,7 @@ def forward(params, tokens_bt, cfg: ModelConfig, positions_bt=None, valid_bt=Non
 
   def body(x, layer_in):
     p, kv = layer_in
-    return _layer(cfg, inv_freq, x, p, positions_bt, mask, kv)
+    return decoder_layer(cfg, inv_freq, x, p, positions_bt, mask, kv)
 
   if cfg.remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

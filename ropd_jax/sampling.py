@@ -497,7 +497,7 @@ def _decode_step(dec, tok_r, pos_r, kv, mcfg: ModelConfig):
   x = top["embed"][tok_r[:, None]]
   new_kv = []
   for p, layer_kv in zip(layers, kv):
-    x, layer_kv = model_lib._layer(mcfg, inv_freq, x, p, pos_r1, mask, layer_kv)  # noqa: SLF001
+    x, layer_kv = model_lib.decoder_layer(mcfg, inv_freq, x, p, pos_r1, mask, layer_kv)
     new_kv.append(layer_kv)
   x = model_lib.rms_norm(x, top["final_norm"], mcfg.rms_norm_eps)
   return model_lib.lm_logits(top, x, mcfg)[:, 0], tuple(new_kv)
