@@ -254,6 +254,14 @@ def _summary(first_s, times, step1, compile_s: float | None) -> dict[str, Any]:
   return out
 
 
+def _release_torch_memory():
+  import gc
+  gc.collect()
+  torch = sys.modules.get("torch")
+  if torch is not None and torch.cuda.is_available():
+    torch.cuda.empty_cache()
+
+
 def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int = 3, with_torch: bool = True,
                torch_device: str = "cpu", torch_grad_ckpt: bool = False, seed: int = 0,
                peak_tflops: float | None = None, sequential: bool = False) -> dict[str, Any]:
@@ -282,11 +290,13 @@ def bench_case(cfg, params, *, batch: int, seq: int, window: int = 0, steps: int
     return out
 
   if sequential:   # one side at a time, the first one's state dropped before the second is built
-    for name, make in makers.items():
-      run = make()
+    # torch first: its caching allocator hands memory back (empty_cache); JAX's keeps its pool.
+    for name in sorted(makers, key=lambda name: name != "torch"):
+      run = makers[name]()
       first[name] = warm_up(name, run)
       times[name] = [_clock(run)[0] for _ in range(steps)]
       del run
+      _release_torch_memory()
   else:
     sides = {name: make() for name, make in makers.items()}
     first = {name: warm_up(name, run) for name, run in sides.items()}
