@@ -108,7 +108,7 @@ def is_writable(path: str) -> bool:
     return True
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_probe")
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")   # hosts of one run may share the folder
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

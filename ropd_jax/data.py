@@ -496,7 +496,14 @@ def build_source(data_cfg: Mapping[str, Any]):
   builder = make_builder(data_cfg)
   if not builder.is_prepared():
     tfds.disable_progress_bar()  # the trainer has its own bar; tfds' bars would interleave with it
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except FileExistsError:
+      # Another process sharing this tfds_dir (the other host processes of a run on one machine, or on a
+      # shared home directory) prepared the same fingerprint first: the same rows, so read that copy.
+      builder = make_builder(data_cfg)
+      if not builder.is_prepared():
+        raise
   return builder.as_data_source(split=data_cfg.get("split", "train"))
 
 
@@ -564,9 +571,10 @@ class PromptLoader:
   """Batches of this host's prompts, forever or for `num_epochs`; `get_state`/`set_state` resume exactly.
 
   The global stream is a seeded permutation per epoch (grain's index shuffle), concatenated over epochs;
-  host h of H takes stream positions h, h+H, ... so hosts are disjoint and together see every row of an
-  epoch once. Batches are `prompts_per_step / H` consecutive rows of the host's stream (they may straddle
-  an epoch boundary). All hosts advance in lockstep, so one saved state restores every host.
+  global batch k is stream positions [k*G, (k+1)*G) for G = prompts_per_step, and host block h of H takes
+  its contiguous part [k*G + h*G/H, k*G + (h+1)*G/H) (reading only those rows). So the global batch, its
+  order, and the saved state do not depend on the host count: a run saved on 4 hosts resumes on 2.
+  Batches may straddle an epoch boundary. All hosts advance in lockstep; one saved state restores all.
   """
 
   def __init__(self, source: Sequence[dict], data_cfg: Mapping[str, Any], shard_index: int | None = None,
@@ -590,8 +598,13 @@ class PromptLoader:
     ds = grain.MapDataset.source(source)
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed)
-    ds = ds.repeat(num_epochs)[shard_index::shard_count]
-    self._batches = ds.batch(self.batch_size, drop_remainder=True, batch_fn=list)
+    stream = ds.repeat(num_epochs)
+    local_bs = self.batch_size
+    block = shard_index * local_bs
+    rows = grain.MapDataset.range(len(stream) // global_bs * local_bs).map(
+        lambda i: stream[i // local_bs * global_bs + block + i % local_bs])
+    self.global_batch_size = global_bs
+    self._batches = rows.batch(local_bs, drop_remainder=True, batch_fn=list)
     if len(self._batches) == 0:
       raise DataError(f"{self.num_rows} prompts x {num_epochs} epoch(s) do not fill one batch of "
                       f"{global_bs} prompts; lower data.prompts_per_step or add data.")
@@ -617,8 +630,9 @@ class PromptLoader:
     return self._next * self.batch_size * self.shard_count / self.num_rows
 
   def _identity(self) -> dict:
+    # Not the host count: the global batch is the same on any number of hosts.
     return {"num_rows": self.num_rows, "seed": self.seed, "shuffle": self.shuffle,
-            "batch_size": self.batch_size, "shard_count": self.shard_count}
+            "prompts_per_step": self.global_batch_size}
 
   def get_state(self) -> dict:
     """JSON-able: the next batch index plus what it is only valid for."""

@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ropd_jax import math_answer
@@ -22,8 +21,8 @@ from ropd_jax import teacher_index as teacher_index_lib
 class StepRollouts:
   """One step's prompts and their n rollouts each, decoded."""
   step: int
-  rows: list[dict]                 # the data rows (prompt, answer, solution, id, text)
-  rollouts: sampling.Rollouts      # device arrays, B*n rows
+  rows: list[dict]                 # this host's data rows (prompt, answer, solution, id, text)
+  rollouts: sampling.Rollouts      # host (numpy) arrays, B*n rows of this host
   texts: list[str]                 # decoded responses, B*n
   truncated: list[bool]            # cut at max_new_tokens
   sample_s: float
@@ -80,29 +79,37 @@ def seq_bucket(n: int, multiple: int = 64) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def train_batch(sr: StepRollouts, results: Sequence[rewards_lib.GroupResult], n: int,
-                normalize_std: bool, ref_logprobs_fn=None) -> tuple[dict, dict]:
-  """The update's batch (advantages, masks, PPO old logprobs) and reward stats."""
-  ro = sr.rollouts
+def longest_sequence(ro: sampling.Rollouts) -> int:
+  """Prompt + response tokens of the longest row (the update's padded width follows it)."""
+  return int(np.max(np.asarray(ro.prompt_lengths_b) + np.asarray(ro.lengths_b)))
+
+
+def train_batch(ro: sampling.Rollouts, results: Sequence[rewards_lib.GroupResult], n: int,
+                normalize_std: bool, longest: int, rows: slice | None = None) -> tuple[dict, dict]:
+  """The update's batch (advantages, masks, PPO old logprobs) for the rollouts `ro`, and reward stats.
+
+  `results` are the groups of the whole step (every host's, in global order); `rows` picks the rows of
+  `ro` among them (this host's block; all when None), so advantages and stats are the global ones.
+  `longest` is the longest prompt + response over the whole step: every host pads to the same width.
+  """
   # The PPO "old" policy is the full-vocabulary softmax at the sampling temperature: the same quantity the
   # update recomputes, so the ratio is exactly 1 on-policy (top-p/top-k only shape what was drawn).
   ro = ro._replace(logprobs_bt=ro.policy_logprobs_bt)
-  longest = int(np.max(np.asarray(ro.prompt_lengths_b) + np.asarray(ro.lengths_b)))
   seq_len = min(seq_bucket(longest), ro.prompt_ids.shape[1] + ro.tokens_bt.shape[1])
   full = sampling.train_batch(ro, seq_len=seq_len)
   valid_g = np.array([r.ok for r in results])
   rewards_b = np.concatenate([np.asarray(r.student_rewards, np.float32) for r in results])
-  advantages_b = rl.group_advantages(rewards_b, n, valid_g, normalize_std=normalize_std)
+  advantages_b = np.asarray(rl.group_advantages(rewards_b, n, valid_g, normalize_std=normalize_std))
+  sample_valid_b = np.repeat(valid_g, n)
+  rows = rows or slice(0, len(rewards_b))
   batch = {"tokens_bt": full["tokens_bt"], "valid_bt": full["valid_bt"],
            "loss_mask_bt": full["response_mask_bt"][:, 1:], "old_logprobs_bt": full["old_logprobs_bt"][:, 1:],
-           "advantages_b": advantages_b, "sample_valid_b": rl.group_row_mask(valid_g, n)}
-  if ref_logprobs_fn is not None:
-    batch["ref_logprobs_bt"] = ref_logprobs_fn(full["tokens_bt"], full["valid_bt"])
-  ok_rewards = rewards_b[np.repeat(valid_g, n)]
+           "advantages_b": advantages_b[rows], "sample_valid_b": sample_valid_b[rows]}
+  ok_rewards = rewards_b[sample_valid_b]
   stats = {"reward/mean": float(ok_rewards.mean()) if ok_rewards.size else None,
            "reward/std": float(ok_rewards.std()) if ok_rewards.size else None,
-           "advantage/abs_mean": float(jnp.abs(advantages_b).mean())}
-  return batch, stats
+           "advantage/abs_mean": float(np.abs(advantages_b).mean())}
+  return {k: np.asarray(v) for k, v in batch.items()}, stats
 
 
 def judge_metrics(results: Sequence[rewards_lib.GroupResult]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ropd_jax import hosts
 from ropd_jax import model as model_lib
 from ropd_jax.model import ModelConfig
 
@@ -186,11 +187,23 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   params are placed for sampling on `mesh` when one is given (batch over `data`/`fsdp`, heads / hidden /
   vocab over `tensor`); the prompt batch is padded to a multiple of the batch shards and the padding rows
   are dropped again.
+
+  On several hosts (`jax.process_count() > 1`; a mesh is required) each host passes its own B prompts, the
+  block of the global batch at its position along the batch axes (`hosts.batch_block`), and gets back its
+  own B*n rollouts as host (numpy) arrays. Seeds follow the global row index, so every row's tokens are
+  those of a one-host run over the whole batch.
   """
   scfg, mcfg, n = sampling_cfg, model_cfg, sampling_cfg.n
   ids_bt, lengths_b = _check_prompts(np.asarray(prompt_ids_bt), np.asarray(prompt_lengths_b), mcfg, scfg)
   b = ids_bt.shape[0]
-  pad_rows = -b % _batch_shards(mesh)
+  block, blocks = 0, 1
+  if jax.process_count() > 1:
+    if mesh is None:
+      raise ValueError("sampling on several hosts needs the run's mesh (sample(..., mesh=mesh)).")
+    block, blocks = hosts.batch_block(mesh)
+    width = hosts.all_max(ids_bt.shape[1])   # one prompt width on every host
+    ids_bt = np.pad(ids_bt, ((0, 0), (0, width - ids_bt.shape[1])), constant_values=scfg.pad_id)
+  pad_rows = -b % (_batch_shards(mesh) // blocks)
   if pad_rows:  # dummy one-token prompts, marked done from the start
     ids_bt = np.concatenate([ids_bt, np.full((pad_rows, ids_bt.shape[1]), scfg.pad_id, np.int32)])
     lengths_b = np.concatenate([lengths_b, np.ones(pad_rows, np.int32)])
@@ -198,20 +211,21 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   groups = _prefill_groups(lengths_b, scfg, mesh)
   order_b = np.concatenate([g for g, _ in groups])          # prompts in prefill order
   ids_bt, lengths_b, live_b = ids_bt[order_b], lengths_b[order_b], live_b[order_b]
-  row_ids_r = (order_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)   # seeds: original ids
+  prompt_ids_b = block * b + order_b            # seeds: global prompt ids (padding rows are never live)
+  row_ids_r = (prompt_ids_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)
   slots = ids_bt.shape[1] + scfg.max_new_tokens
   if mesh is not None:
     params = jax.device_put(params, param_shardings(params, mesh))
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
-    ids_bt = jax.device_put(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
-    lengths_b, live_b, row_ids_r = (jax.device_put(x, rows) for x in (lengths_b, live_b, row_ids_r))
+    ids_bt = hosts.to_global(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
+    lengths_b, live_b, row_ids_r = (hosts.to_global(x, rows) for x in (lengths_b, live_b, row_ids_r))
   kv, logits, start = None, [], 0
   for group_b, width in groups:
     stop = start + len(group_b)
     whole = len(groups) == 1   # on a mesh: no slicing of sharded arrays
     lg, kv = _prefill_jit(params, ids_bt if whole else ids_bt[start:stop, :width],
                           lengths_b if whole else lengths_b[start:stop], kv, np.int32(start * n), mcfg, n,
-                          len(order_b) * n, slots, mesh)
+                          len(order_b) * n * blocks, slots, mesh)
     logits.append(lg)
     start = stop
   logits_bv = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
@@ -221,6 +235,8 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   if len(groups) > 1:   # back to the caller's order: row i*n + j is rollout j of prompt i
     src_r = np.argsort(row_ids_r)
     out = jax.tree.map(lambda x: x[src_r], out)
+  if blocks > 1:   # this host's rows, padding dropped
+    return jax.tree.map(lambda x: hosts.to_local(x)[:b * n], out)
   if pad_rows:
     out = jax.tree.map(lambda x: x[:b * n], out)
   return out

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from ropd_jax import checkpoint as ckpt_lib
 from ropd_jax import data as data_lib
 from ropd_jax import groups as groups_lib
+from ropd_jax import hosts
 from ropd_jax import metrics as metrics_lib
 from ropd_jax import model as model_lib
 from ropd_jax import policy as policy_lib
@@ -80,13 +81,6 @@ def preflight(cfg, workdir: str):
   return load_teacher_index(cfg, data_lib.read_rows(data_lib.build_source(cfg.data)))
 
 
-def maybe_initialize_distributed() -> None:
-  """Multi-controller start-up: every host runs this program; JAX finds its peers (auto on Cloud TPU)."""
-  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if (multi_tpu or os.environ.get("JAX_COORDINATOR_ADDRESS")) and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-
-
 def load_teacher_index(cfg, loader_rows):
   """The m teacher answers per prompt: an index file built by the teacher, or the data's references."""
   if cfg.reward != "ropd":
@@ -110,6 +104,9 @@ class Run:
   def __init__(self, cfg, workdir: str, index):
     self.cfg, self.workdir, self.index = cfg, workdir, index
     self.mesh = sharding_lib.make_mesh(cfg.mesh)
+    # This host's block of every step's prompts (all of them on one host); the judge scores each host's
+    # own groups, so judge throughput grows with the hosts and no rollout text crosses hosts before it.
+    self.block, self.blocks = hosts.batch_block(self.mesh)
     self.tok, self.model_cfg, params = policy_lib.load_policy(cfg.model, self.mesh, cfg.mesh, cfg.seed)
     self.scfg = sampling.SamplingConfig(
         temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
@@ -130,8 +127,8 @@ class Run:
       self.ref_logprobs = jax.jit(lambda t, v: model_lib.token_logprobs(
           ref_params, t, self.model_cfg, valid_bt=v, temperature=rl_cfg["logprob_temperature"])[0])
     del params
-    self.loader = data_lib.make_loader(cfg.data, self.format_prompt,
-                                       lambda text: len(self.tok.encode(text)))
+    self.loader = data_lib.make_loader(cfg.data, self.format_prompt, lambda text: len(self.tok.encode(text)),
+                                       shard_index=self.block, shard_count=self.blocks)
     self.judge = judge_client.Judge(cfg.judge, workdir=workdir) if cfg.reward == "ropd" else None
     self.runner = rewards_lib.JudgeRunner(self.judge) if self.judge else None
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
@@ -153,12 +150,11 @@ class Run:
     ids_bt, lengths_b = sampling.pad_prompts([self.tok.encode(r["text"]) for r in rows], self.scfg)
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)  # resumable: a function of the step
     ro = sampling.sample(self.state.params, ids_bt, lengths_b, rng, self.model_cfg, self.scfg, self.mesh)
+    ro = jax.tree.map(hosts.to_local, ro)   # this host's rows, on the host
     if self.scfg.stop_strings:
-      ro = sampling.apply_stop_strings(ro, self.tok.decode, self.scfg.stop_strings)
-    lengths = groups_lib.to_host(ro.lengths_b)
-    tokens = groups_lib.to_host(ro.tokens_bt)
-    texts = [self.tok.decode(tokens[i, :lengths[i]]) for i in range(len(lengths))]
-    truncated = (~groups_lib.to_host(ro.finished_b)).tolist()
+      ro = jax.tree.map(np.asarray, sampling.apply_stop_strings(ro, self.tok.decode, self.scfg.stop_strings))
+    texts = [self.tok.decode(ro.tokens_bt[i, :ro.lengths_b[i]]) for i in range(len(ro.lengths_b))]
+    truncated = (~ro.finished_b).tolist()
     return groups_lib.StepRollouts(step, rows, ro, texts, truncated, time.perf_counter() - t0)
 
   # -- score -----------------------------------------------------------------------------------------
@@ -179,32 +175,51 @@ class Run:
       results = groups_lib.merge_retry(results, retried, failed)
     return results, time.perf_counter() - t0
 
-  def over_gate(self, results) -> bool:
-    return sum(not r.ok for r in results) / len(results) > self.cfg.max_fallback_rate
+  def over_gate(self, results, local: bool = True) -> bool:
+    """Judge failures above max_fallback_rate; `local` results are counted over every host, so all hosts
+    take the same decision (one skipping the update while another ran it would hang the collectives)."""
+    failed, total = sum(not r.ok for r in results), len(results)
+    if local:
+      failed, total = np.sum(hosts.gather((failed, total)), axis=0)
+    return failed / total > self.cfg.max_fallback_rate
+
+  def gather_step(self, sr: groups_lib.StepRollouts, groups, results, judge_s: float) -> dict:
+    """Every host's groups, results and rollout stats, in global row order (for metrics and artifacts)."""
+    mine = (self.block, groups, results, np.asarray(sr.rollouts.lengths_b), sr.truncated, sr.sample_s, judge_s)
+    parts = sorted(hosts.gather(mine), key=lambda part: part[0])
+    return {"groups": [g for p in parts for g in p[1]], "results": [r for p in parts for r in p[2]],
+            "lengths": np.concatenate([p[3] for p in parts]), "truncated": [t for p in parts for t in p[4]],
+            "sample_s": max(p[5] for p in parts), "judge_s": max(p[6] for p in parts)}
 
   # -- update ----------------------------------------------------------------------------------------
   def update(self, sr: groups_lib.StepRollouts, groups, future, data_state_before: dict) -> dict:
     results, judge_s = self.collect(groups, future)
-    metrics: dict[str, Any] = {"time/sample_s": sr.sample_s, "time/judge_s": judge_s}
-    metrics.update(groups_lib.judge_metrics(results))
-    acc = groups_lib.accuracy(groups)
+    step = self.gather_step(sr, groups, results, judge_s)   # the whole step, on every host
+    all_groups, all_results = step["groups"], step["results"]
+    metrics: dict[str, Any] = {"time/sample_s": step["sample_s"], "time/judge_s": step["judge_s"]}
+    metrics.update(groups_lib.judge_metrics(all_results))
+    acc = groups_lib.accuracy(all_groups)
     if acc is not None:
       metrics["accuracy/mean"] = acc
-    lengths = groups_lib.to_host(sr.rollouts.lengths_b)
-    metrics["response_length/mean"] = float(lengths.mean())
-    metrics["response/truncated_fraction"] = float(np.mean(sr.truncated))
-    metrics["throughput/tokens_per_s"] = float(lengths.sum()) / max(sr.sample_s, 1e-9)
-    self.writer.write_artifacts(sr.step, groups_lib.artifact_rows(sr.step, groups, results))
-    batch, reward_stats = groups_lib.train_batch(sr, results, self.scfg.n, self.cfg.rl.normalize_adv_std,
-                                                 self.ref_logprobs)
+    metrics["response_length/mean"] = float(step["lengths"].mean())
+    metrics["response/truncated_fraction"] = float(np.mean(step["truncated"]))
+    metrics["throughput/tokens_per_s"] = float(step["lengths"].sum()) / max(step["sample_s"], 1e-9)
+    self.writer.write_artifacts(sr.step, groups_lib.artifact_rows(sr.step, all_groups, all_results))
+    rows = len(sr.texts)   # this host's rows are block `self.block` of the step's
+    batch, reward_stats = groups_lib.train_batch(
+        sr.rollouts, all_results, self.scfg.n, self.cfg.rl.normalize_adv_std,
+        longest=hosts.all_max(groups_lib.longest_sequence(sr.rollouts)),
+        rows=slice(self.block * rows, (self.block + 1) * rows))
     metrics.update(reward_stats)
-    if self.over_gate(results):  # still, after the retry
+    if self.over_gate(all_results, local=False):  # still, after the retry
       metrics["gate/skipped"] = 1
       if self.cfg.on_gate == "stop":
-        self._stop_at_gate(sr.step, results, data_state_before)
+        self._stop_at_gate(sr.step, all_results, data_state_before)
       return metrics
     t0 = time.perf_counter()
-    batch = {k: jax.device_put(v, sharding_lib.batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+    batch = {k: hosts.to_global(v, sharding_lib.batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+    if self.ref_logprobs is not None:
+      batch["ref_logprobs_bt"] = self.ref_logprobs(batch["tokens_bt"], batch["valid_bt"])
     self.state, step_metrics = self.train_step(self.state, batch)
     step_metrics = jax.device_get(step_metrics)
     metrics["time/update_s"] = time.perf_counter() - t0
@@ -251,8 +266,8 @@ class Run:
 
 def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) the configured training; returns a summary of the run's metrics."""
+  hosts.initialize_from_env()  # before any JAX compute: every host runs this same program
   index = preflight(cfg, workdir)
-  maybe_initialize_distributed()
   if jax.process_index() == 0:  # what `export` and `evaluate` rebuild the run from
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
@@ -326,6 +341,7 @@ def summarize(metrics_path: str) -> dict:
 
 USER_ERRORS = (ConfigError, GateStop, policy_lib.PolicyConfigError, judge_config_lib.JudgeConfigError,
                teacher_index_lib.TeacherIndexError, data_lib.DataError, sharding_lib.ShardingError,
+               hosts.HostLayoutError,
                FileNotFoundError)
 
 

@@ -221,11 +221,37 @@ def test_two_hosts_see_disjoint_shards_that_cover_the_data(tmp_path):
   assert len(host0) == len(host1) == 3 and all(len(b) == 2 for b in host0 + host1)
   rows0, rows1 = set(sum(host0, [])), set(sum(host1, []))
   assert not rows0 & rows1 and rows0 | rows1 == {f"r{i:02d}" for i in range(12)}
-  # unshuffled, hosts interleave the source order
+  # host blocks, concatenated in block order, are the one-host batches exactly (same rows, same order)
+  one_host = _ids(data.PromptLoader(prompts, cfg, shard_index=0, shard_count=1))
+  assert [a + b for a, b in zip(host0, host1)] == one_host
+  # unshuffled: global batch k is rows 4k..4k+3, host 1 takes its second half
   cfg.shuffle = False
-  assert _ids(data.PromptLoader(prompts, cfg, 1, 2))[0] == ["r01", "r03"]
+  assert _ids(data.PromptLoader(prompts, cfg, 1, 2))[:2] == [["r02", "r03"], ["r06", "r07"]]
   with pytest.raises(data.DataError, match="multiple of the 5 hosts"):
     data.PromptLoader(prompts, cfg, 0, 5)
+
+
+def test_state_saved_on_two_hosts_resumes_on_one_and_on_four(tmp_path):
+  prompts = data.PromptSource(_numbered_source(tmp_path, 12))
+  cfg = data.data_config()
+  cfg.update(prompts_per_step=4, num_epochs=0, seed=5)
+  full = _first_batches(data.PromptLoader(prompts, cfg, 0, 1), 6)
+  hosts = [data.PromptLoader(prompts, cfg, h, 2) for h in range(2)]
+  for loader in hosts:
+    for _ in range(2):
+      next(loader)
+  state = hosts[1].get_state()
+  assert state == hosts[0].get_state()
+  for count in (1, 4):
+    resumed = [data.PromptLoader(prompts, cfg, h, count) for h in range(count)]
+    for loader in resumed:
+      loader.set_state(state)
+    after = [sum((next(loader) for loader in resumed), start=[]) for _ in range(4)]
+    assert [[r["id"] for r in b] for b in after] == full[2:]
+
+
+def _first_batches(loader, k):
+  return [[r["id"] for r in next(loader)] for _ in range(k)]
 
 
 def test_make_loader_from_config(tmp_path):
