@@ -74,6 +74,9 @@ def mesh_config():
   c.fsdp = 1                  # parameter/optimizer sharding axis size
   c.tensor = 1                # tensor-parallel axis size (heads, MLP hidden, vocab)
   c.num_devices = 0           # use only the first N devices (0 = all); e.g. to resume on a smaller slice
+  # Multislice: how many slices (DCN) the data / fsdp axes span; data, fsdp, tensor above are then per slice.
+  c.dcn_data = 1              # slices the data axis spans (e.g. 2 for two v5e-256 slices)
+  c.dcn_fsdp = 1              # slices the fsdp axis spans (all-gathers of params cross DCN: prefer dcn_data)
   # Extra (regex on param path, PartitionSpec tuple) rules, tried before the defaults; a spec shorter than
   # the parameter's rank applies to its trailing dimensions.
   c.rules = ()

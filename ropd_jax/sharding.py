@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ropd_jax import model as model_lib
@@ -66,17 +67,47 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int,
   return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes across slices (DCN); (1, 1, 1) on one slice."""
+  sizes = tuple(int(mesh_cfg.get(f"dcn_{axis}", 1) or 1) for axis in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    raise ShardingError(f"mesh: dcn_* sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}.")
+  if sizes[2] > 1:
+    raise ShardingError(f"mesh.dcn_tensor={sizes[2]}: tensor parallelism across slices would put every "
+                        "layer's collectives on the slow data-center network; split data or fsdp over "
+                        "slices (mesh.dcn_data / mesh.dcn_fsdp) and keep tensor inside a slice.")
+  return sizes
+
+
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh in Auto (GSPMD) mode over `devices` (default: all, or the first
-  `mesh.num_devices` of them when that is set)."""
+  `mesh.num_devices` of them when that is set).
+
+  Multislice: `mesh.dcn_data` / `mesh.dcn_fsdp` > 1 split those axes over slices (TPU multislice, or one
+  granule per process on GPU / CPU clusters). Each axis is then dcn x ici long, ordered so that the
+  collectives of the inner (ici) part stay on a slice's fast interconnect; `data`, `fsdp`, `tensor` give the
+  per-slice (ici) sizes.
+  """
   devices = list(jax.devices() if devices is None else devices)
   wanted = int(mesh_cfg.get("num_devices", 0) or 0)
   if wanted:
     if wanted > len(devices):
       raise ShardingError(f"mesh.num_devices={wanted} but only {len(devices)} devices are available.")
     devices = devices[:wanted]
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = dcn_shape(mesh_cfg)
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(mesh_shape(mesh_cfg, len(devices)), MESH_AXES, axis_types=axis_types, devices=devices)
+  # TPU multislice devices carry their slice; elsewhere (GPU / CPU clusters) each process is a granule.
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+  if granules != math.prod(dcn):
+    raise ShardingError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} need {math.prod(dcn)} "
+                        f"{'slices' if by_slice else 'processes'}, but the devices form {granules}; set "
+                        "mesh.dcn_data x mesh.dcn_fsdp to the number of slices.")
+  ici = mesh_shape(mesh_cfg, len(devices) // granules)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -5,7 +5,11 @@ import os
 import jax
 import pytest
 
+import numpy as np
+
 from ropd_jax import data as data_lib
+from ropd_jax import hosts
+from ropd_jax import sharding
 from ropd_jax import metrics as metrics_lib
 
 
@@ -35,3 +39,23 @@ def test_hosts_read_disjoint_shards_and_resume_from_one_state(tmp_path):
   for loader in resumed:
     loader.set_state(state)
   assert [[r["id"] for r in next(loader)] for loader in resumed] == expected
+
+
+def test_multislice_mesh_needs_one_granule_per_dcn_shard_and_no_tensor_over_dcn():
+  # One process, one slice: a data axis over 2 slices cannot be built, and tensor never crosses slices.
+  with pytest.raises(sharding.ShardingError, match="need 2 processes, but the devices form 1"):
+    sharding.make_mesh({"data": -1, "dcn_data": 2})
+  with pytest.raises(sharding.ShardingError, match="keep tensor inside a slice"):
+    sharding.make_mesh({"data": -1, "dcn_tensor": 2})
+  # dcn sizes of 1 are the plain mesh
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "dcn_data": 1, "dcn_fsdp": 1})
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_one_host_holds_the_whole_batch():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert hosts.batch_block(mesh) == (0, 1)
+  x = np.arange(16).reshape(8, 2)
+  g = hosts.to_global(x, sharding.batch_sharding(mesh, 2))
+  np.testing.assert_array_equal(hosts.to_local(g), x)
+  assert hosts.gather({"a": 1}) == [{"a": 1}] and hosts.all_max(3) == 3

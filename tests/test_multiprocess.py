@@ -78,9 +78,10 @@ def one_host(tmp_path_factory):
 
 
 def test_two_hosts_train_like_one_and_resume_on_one(one_host, tmp_path):
-  # Steps 0-1 on two hosts (a checkpoint after step 1), then steps 2-3 resumed on one host.
+  # Steps 0-1 on two hosts (a checkpoint after step 1), then steps 2-3 resumed on one host. The two
+  # hosts form a multislice mesh, one process per slice (data = 2 over DCN x 4 within a host).
   workdir = str(tmp_path / "run")
-  runs = _train(workdir, 2, "--config.total_steps=2")
+  runs = _train(workdir, 2, "--config.total_steps=2", "--config.mesh.dcn_data=2")
   _ok(runs)
   assert os.path.getsize(os.path.join(workdir, "metrics.jsonl")) > 0
   want = _metrics(one_host)
