@@ -215,7 +215,7 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   row_ids_r = (prompt_ids_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)
   slots = ids_bt.shape[1] + scfg.max_new_tokens
   if mesh is not None:
-    params = jax.device_put(params, param_shardings(params, mesh))
+    params = sampler_params(params, mcfg, mesh)
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     ids_bt = hosts.to_global(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
     lengths_b, live_b, row_ids_r = (hosts.to_global(x, rows) for x in (lengths_b, live_b, row_ids_r))
@@ -292,6 +292,26 @@ def param_shardings(params, mesh):
     return NamedSharding(mesh, P(*spec))
 
   return jax.tree_util.tree_map_with_path(spec, params)
+
+
+# Weight matrices: cast to the compute dtype before the sampler's all-gather (norms and biases stay as stored).
+_MATRICES = frozenset(("embed", "lm_head", "q", "k", "v", "o", "gate", "up", "down"))
+
+
+def sampler_params(params, mcfg: ModelConfig, mesh):
+  """`params` in the sampler's layout (`param_shardings`: replicated over the batch axes, split over
+  `tensor`), weight matrices in the compute dtype. Each device casts its own training shard before the
+  reshard, so the once-per-step all-gather moves compute-dtype bytes (half of float32 master weights);
+  the sampler would cast them anyway, so the rollouts are unchanged (bench/reshard.py)."""
+  return jax.device_put(_cast_matrices(params, mcfg.dtype), param_shardings(params, mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _cast_matrices(params, dtype: str):
+  """Elementwise, so every shard stays where it is."""
+  dt = jnp.dtype(dtype)
+  return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(dt) if path[-1].key in _MATRICES else x,
+                                          params)
 
 
 def _layer_cache_sharding(mcfg: ModelConfig, mesh):

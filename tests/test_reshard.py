@@ -1,0 +1,41 @@
+"""The once-per-step reshard from the training layout (float32, split over fsdp) to the sampler's."""
+import jax
+import numpy as np
+
+from ropd_jax import model as model_lib
+from ropd_jax import sampling
+from ropd_jax import sharding
+
+CFG = model_lib.ModelConfig(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64,
+                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                            param_dtype="float32", dtype="bfloat16", eos_token_ids=(1,))
+
+
+def _train_layout(mesh_cfg):
+  params = model_lib.init_params(CFG, jax.random.key(3))
+  mesh = sharding.make_mesh(mesh_cfg)
+  return params, mesh, sharding.shard_params(params, sharding.param_shardings(params, mesh))
+
+
+def test_sampler_layout_is_replicated_over_batch_axes_with_bf16_matrices_and_f32_norms():
+  params, mesh, train = _train_layout({"data": 1, "fsdp": 4, "tensor": 2})
+  assert tuple(train["layers"]["gate"].sharding.spec) == (None, "fsdp", "tensor")   # the training layout
+  out = sampling.sampler_params(train, CFG, mesh)
+  gate, norm = out["layers"]["gate"], out["layers"]["attn_norm"]
+  assert gate.dtype == jax.numpy.bfloat16 and norm.dtype == np.float32
+  assert tuple(gate.sharding.spec) == (None, None, "tensor")               # fsdp gathered, tensor kept
+  assert all(s.data.shape == (2, 32, 32) for s in gate.addressable_shards)
+  np.testing.assert_array_equal(np.asarray(gate, np.float32),
+                                np.asarray(params["layers"]["gate"].astype(jax.numpy.bfloat16), np.float32))
+  np.testing.assert_array_equal(np.asarray(norm), np.asarray(params["layers"]["attn_norm"]))
+
+
+def test_rollouts_from_fsdp_sharded_f32_params_equal_unsharded_ones():
+  params, mesh, train = _train_layout({"data": 2, "fsdp": 2, "tensor": 2})
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=5, n=2, stop_token_ids=())
+  ids, lengths = sampling.pad_prompts([[5, 6, 7], [8, 9], [10, 11, 12, 13]], scfg)
+  ref = sampling.sample(params, ids, lengths, jax.random.key(1), CFG, scfg)
+  got = sampling.sample(train, ids, lengths, jax.random.key(1), CFG, scfg, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
+  # bf16 matmuls split over `tensor` sum their partial products in another order: bf16-level agreement.
+  np.testing.assert_allclose(np.asarray(got.logprobs_bt), np.asarray(ref.logprobs_bt), atol=5e-3)
