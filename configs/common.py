@@ -40,6 +40,9 @@ def sampling_config():
   c.top_k = 0                 # 0 = off
   c.max_new_tokens = 8192     # response length cap; longer rollouts are truncated and flagged
   c.stop_strings = ()         # extra stop strings (the tokenizer's EOS / end-of-turn ids always stop)
+  # Sampler copy of the weights replicated over data/fsdp (no all-gather per decode step); False keeps
+  # the training layout: less memory per chip (docs/scaling.md), an all-gather per layer per decode step.
+  c.replicate_weights = True
   return c
 
 

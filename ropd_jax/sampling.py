@@ -181,12 +181,14 @@ def _check_prompts(ids_bt: np.ndarray, lengths_b: np.ndarray, mcfg: ModelConfig,
 
 
 def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: ModelConfig,
-           sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None) -> Rollouts:
+           sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None,
+           replicate_weights: bool = True) -> Rollouts:
   """Draws `sampling_cfg.n` rollouts for each of the B right-padded prompts: a `Rollouts` of B*n rows.
 
   params are placed for sampling on `mesh` when one is given (batch over `data`/`fsdp`, heads / hidden /
   vocab over `tensor`); the prompt batch is padded to a multiple of the batch shards and the padding rows
-  are dropped again.
+  are dropped again. `replicate_weights=False` keeps params in the layout they come in (e.g. the training
+  layout, split over `fsdp`): less memory, but each decode step all-gathers each layer's weights.
 
   On several hosts (`jax.process_count() > 1`; a mesh is required) each host passes its own B prompts, the
   block of the global batch at its position along the batch axes (`hosts.batch_block`), and gets back its
@@ -215,7 +217,7 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   row_ids_r = (prompt_ids_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)
   slots = ids_bt.shape[1] + scfg.max_new_tokens
   if mesh is not None:
-    params = sampler_params(params, mcfg, mesh)
+    params = sampler_params(params, mcfg, mesh) if replicate_weights else _cast_matrices(params, mcfg.dtype)
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     ids_bt = hosts.to_global(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
     lengths_b, live_b, row_ids_r = (hosts.to_global(x, rows) for x in (lengths_b, live_b, row_ids_r))

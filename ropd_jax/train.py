@@ -149,7 +149,8 @@ class Run:
     t0 = time.perf_counter()
     ids_bt, lengths_b = sampling.pad_prompts([self.tok.encode(r["text"]) for r in rows], self.scfg)
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)  # resumable: a function of the step
-    ro = sampling.sample(self.state.params, ids_bt, lengths_b, rng, self.model_cfg, self.scfg, self.mesh)
+    ro = sampling.sample(self.state.params, ids_bt, lengths_b, rng, self.model_cfg, self.scfg, self.mesh,
+                         replicate_weights=self.cfg.sampling.replicate_weights)
     ro = jax.tree.map(hosts.to_local, ro)   # this host's rows, on the host
     if self.scfg.stop_strings:
       ro = jax.tree.map(np.asarray, sampling.apply_stop_strings(ro, self.tok.decode, self.scfg.stop_strings))

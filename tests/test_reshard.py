@@ -39,3 +39,13 @@ def test_rollouts_from_fsdp_sharded_f32_params_equal_unsharded_ones():
   np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
   # bf16 matmuls split over `tensor` sum their partial products in another order: bf16-level agreement.
   np.testing.assert_allclose(np.asarray(got.logprobs_bt), np.asarray(ref.logprobs_bt), atol=5e-3)
+
+
+def test_sampling_in_the_training_layout_gives_the_same_tokens():
+  # replicate_weights=False: weights stay split over fsdp; GSPMD gathers them inside each decode step.
+  params, mesh, train = _train_layout({"data": 2, "fsdp": 4, "tensor": 1})
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=5, n=2, stop_token_ids=())
+  ids, lengths = sampling.pad_prompts([[5, 6, 7], [8, 9]], scfg)
+  ref = sampling.sample(params, ids, lengths, jax.random.key(2), CFG, scfg)
+  got = sampling.sample(train, ids, lengths, jax.random.key(2), CFG, scfg, mesh=mesh, replicate_weights=False)
+  np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
