@@ -174,7 +174,10 @@ def _breakdown(cfg, params, prompts, args, whole_s):
   dec = jax.jit(lambda p: sampling._decode_params(p, cfg))(params)
   step = jax.jit(lambda d, t, p, kv: sampling._decode_step(d, t, p, kv, cfg), donate_argnums=(3,))
   draw = jax.jit(lambda lg, k: sampling.draw(lg, k, scfg))
-  head = jax.jit(lambda top, x: model_lib.lm_logits(top, x, cfg))
+  if "head_vd" in dec[0]:   # the CPU's feature-major decode layout
+    head = jax.jit(lambda top, x: sampling.head_feature_major(top, x[:, 0].T))
+  else:
+    head = jax.jit(lambda top, x: model_lib.lm_logits(top, x, cfg))
   keys = jax.random.split(jax.random.key(0), rows)
   tok_r = jnp.ones((rows,), jnp.int32)
   x_r1d = jnp.ones((rows, 1, cfg.hidden_size), cfg.compute_dtype)

@@ -316,7 +316,6 @@ def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig, heads_major: 
 def decoder_layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, cache_kv):
   """One transformer block. `cache_kv` is None (training) or this layer's (k, v) [B, K, S, E]."""
   dt = cfg.compute_dtype
-  b, t, _ = x_btd.shape
   w = jax.tree.map(lambda a: a.astype(dt), p)
   h = rms_norm(x_btd, p["attn_norm"], cfg.rms_norm_eps)
   q = h @ w["q"]
@@ -324,6 +323,21 @@ def decoder_layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, 
   v = h @ w["v"]
   if cfg.qkv_bias:
     q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+  attn, new_kv = _self_attention(cfg, inv_freq, q, k, v, p, positions_bt, mask_bts, cache_kv)
+  attn = attn @ w["o"]
+  if cfg.o_bias:
+    attn = attn + w["o_bias"]
+  x_btd = x_btd + attn
+  h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_norm_eps)
+  mlp = (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
+  return x_btd + mlp, new_kv
+
+
+def _self_attention(cfg: ModelConfig, inv_freq, q, k, v, p, positions_bt, mask_bts, cache_kv):
+  """Projected q [B, T, H*E], k, v [B, T, K*E] -> attention output [B, T, H*E] (before `o`) and the
+  updated cache: qk-norm, rope, the cache write, attention."""
+  dt = cfg.compute_dtype
+  b, t, _ = q.shape
   q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -342,13 +356,55 @@ def decoder_layer(cfg: ModelConfig, inv_freq, x_btd, p, positions_bt, mask_bts, 
     cache_k = cache_k.at[rows, :, slots].set(k.astype(cache_k.dtype))
     cache_v = cache_v.at[rows, :, slots].set(v.astype(cache_v.dtype))
     keys, values, new_kv = cache_k.astype(dt), cache_v.astype(dt), (cache_k, cache_v)
-  attn = _attention(q, keys, values, mask_bts, cfg, heads_major=cache_kv is not None) @ w["o"]
+  return _attention(q, keys, values, mask_bts, cfg, heads_major=cache_kv is not None), new_kv
+
+
+# -- feature-major decode (CPU) --------------------------------------------------------------------------
+# At one token per row a decode matmul is [B, D] x [D, N] with B ~ 16: it streams N*D weights for few
+# FLOPs. XLA:CPU's library GEMM (YNNPACK) streams a weight matrix 20-35% faster when it is the row-major
+# LEFT operand, W_t [N, D] @ h [D, B], than as the right one (measured at 16 x 576 x {576, 1536, 49152} on
+# one core, weights read from DRAM). So the CPU decode keeps activations feature-major, [D, B], with
+# weights stored [out, in], q/k/v and gate/up each fused into one matmul.
+
+
+def feature_major_weights(p, cfg: ModelConfig) -> dict[str, Any]:
+  """One layer's decode weights for `decoder_layer_feature_major`: [out, in] matrices, qkv and gate/up
+  fused. `p` is one layer of `params["layers"]` (already in the compute dtype)."""
+  w = {"qkv_t": jnp.concatenate([p["q"], p["k"], p["v"]], axis=1).T, "o_t": p["o"].T,
+       "gate_up_t": jnp.concatenate([p["gate"], p["up"]], axis=1).T, "down_t": p["down"].T}
+  w.update({k: p[k] for k in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "o_bias") if k in p})
+  if cfg.qkv_bias:
+    w["qkv_bias"] = jnp.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]])
+  return w
+
+
+def rms_norm_feature_major(x_db, weight, eps):
+  """`rms_norm` over the leading (feature) axis of [D, B]."""
+  x32 = x_db.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+  return (y * weight.astype(jnp.float32)[:, None]).astype(x_db.dtype)
+
+
+def decoder_layer_feature_major(cfg: ModelConfig, inv_freq, x_db, w, positions_b1, mask_b1s, cache_kv):
+  """`decoder_layer` for one token per row with activations [D, B] and `feature_major_weights`; the
+  cache (k, v) [B, K, S, E] is the same as `decoder_layer`'s."""
+  hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  h_db = rms_norm_feature_major(x_db, w["attn_norm"], cfg.rms_norm_eps)
+  # The barrier keeps XLA from folding the transpose into the dot, which would swap its operands back.
+  qkv_nb = jax.lax.optimization_barrier(w["qkv_t"] @ h_db)
+  if cfg.qkv_bias:
+    qkv_nb = qkv_nb + w["qkv_bias"][:, None]
+  qkv_b1n = qkv_nb.T[:, None, :]
+  q, k, v = qkv_b1n[..., :hq], qkv_b1n[..., hq:hq + hk], qkv_b1n[..., hq + hk:]
+  attn_b1n, new_kv = _self_attention(cfg, inv_freq, q, k, v, w, positions_b1, mask_b1s, cache_kv)
+  attn_db = w["o_t"] @ attn_b1n[:, 0].T
   if cfg.o_bias:
-    attn = attn + w["o_bias"]
-  x_btd = x_btd + attn
-  h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_norm_eps)
-  mlp = (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
-  return x_btd + mlp, new_kv
+    attn_db = attn_db + w["o_bias"][:, None]
+  x_db = x_db + attn_db
+  h_db = rms_norm_feature_major(x_db, w["mlp_norm"], cfg.rms_norm_eps)
+  gate_up_nb = w["gate_up_t"] @ h_db
+  f = cfg.intermediate_size
+  return x_db + w["down_t"] @ (jax.nn.silu(gate_up_nb[:f]) * gate_up_nb[f:]), new_kv
 
 
 def attention_mask(positions_bt, valid_bt=None, cache_len: int | None = None, segment_ids_bt=None):

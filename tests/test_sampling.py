@@ -76,6 +76,25 @@ def test_cached_greedy_equals_argmax_of_full_forwards(family):
   np.testing.assert_array_equal(np.asarray(ro.tokens_bt), expected)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_feature_major_decode_equals_the_accelerator_layout(family, monkeypatch):
+  """The CPU decode (activations [D, R], fused [out, in] weights) against the layout accelerators run
+  (model.decoder_layer, the training block): same draws, same logprobs, for bias / qk-norm families."""
+  cfg, params, _ = _load(family)
+  scfg = SamplingConfig(temperature=1.2, top_p=0.9, max_new_tokens=8, n=2, stop_token_ids=())
+  runs = {}
+  for feature_major in (True, False):
+    monkeypatch.setattr(sampling, "_feature_major_decode", lambda fm=feature_major: fm)
+    jax.clear_caches()   # the layout is chosen at trace time
+    assert ("head_vd" in sampling._decode_params(params, cfg)[0]) == feature_major
+    runs[feature_major] = _sample(params, cfg, scfg, seed=3)
+  jax.clear_caches()
+  fm, ref = runs[True], runs[False]
+  np.testing.assert_array_equal(np.asarray(fm.tokens_bt), np.asarray(ref.tokens_bt))
+  np.testing.assert_allclose(np.asarray(fm.logprobs_bt), np.asarray(ref.logprobs_bt), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fm.policy_logprobs_bt), np.asarray(ref.policy_logprobs_bt), atol=1e-5)
+
+
 def test_prompts_within_a_bucket_reuse_the_compiled_sampler():
   cfg, params, _ = _load("llama")
   scfg = SamplingConfig(greedy=True, max_new_tokens=8, stop_token_ids=())
