@@ -81,7 +81,9 @@ def mesh_config():
   c.dcn_data = 1              # slices the data axis spans (e.g. 2 for two v5e-256 slices)
   c.dcn_fsdp = 1              # slices the fsdp axis spans (all-gathers of params cross DCN: prefer dcn_data)
   # Extra (regex on param path, PartitionSpec tuple) rules, tried before the defaults; a spec shorter than
-  # the parameter's rank applies to its trailing dimensions.
+  # the parameter's rank applies to its trailing dimensions. The path `kv_cache/k` (and /v) sets the
+  # sampler's per-layer cache [rows, kv_heads, slots, head_dim], e.g. ('kv_cache', (('data', 'fsdp'), None,
+  # 'tensor', None)) splits the slots over tensor instead of the kv heads.
   c.rules = ()
   c.auto_fsdp = True          # put `fsdp` on the largest free divisible dimension (never the layer axis)
   c.auto_fsdp_min_size = 0    # leave parameters smaller than this (elements) replicated

@@ -182,13 +182,16 @@ def _check_prompts(ids_bt: np.ndarray, lengths_b: np.ndarray, mcfg: ModelConfig,
 
 def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: ModelConfig,
            sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None,
-           replicate_weights: bool = True) -> Rollouts:
+           replicate_weights: bool = True, cache_spec: tuple | None = None) -> Rollouts:
   """Draws `sampling_cfg.n` rollouts for each of the B right-padded prompts: a `Rollouts` of B*n rows.
 
   params are placed for sampling on `mesh` when one is given (batch over `data`/`fsdp`, heads / hidden /
   vocab over `tensor`); the prompt batch is padded to a multiple of the batch shards and the padding rows
   are dropped again. `replicate_weights=False` keeps params in the layout they come in (e.g. the training
   layout, split over `fsdp`): less memory, but each decode step all-gathers each layer's weights.
+  `cache_spec`: PartitionSpec entries of each layer's [rows, kv_heads, slots, head_dim] cache on the mesh
+  (`sharding.kv_cache_spec`, from the config's rules); None: rows over the batch axes, kv heads over
+  `tensor` when it divides them.
 
   On several hosts (`jax.process_count() > 1`; a mesh is required) each host passes its own B prompts, the
   block of the global batch at its position along the batch axes (`hosts.batch_block`), and gets back its
@@ -216,6 +219,12 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   prompt_ids_b = block * b + order_b            # seeds: global prompt ids (padding rows are never live)
   row_ids_r = (prompt_ids_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)
   slots = ids_bt.shape[1] + scfg.max_new_tokens
+  if cache_spec is not None and mesh is not None and cache_spec[2] is not None:
+    split = int(np.prod([mesh.shape[a] for a in np.atleast_1d(cache_spec[2])]))
+    if slots % split:
+      raise ValueError(f"the KV cache's {slots} slots (prompt bucket {ids_bt.shape[1]} + max_new_tokens "
+                       f"{scfg.max_new_tokens}) do not split over {cache_spec[2]} ({split}); make "
+                       "max_new_tokens a multiple of it (prompt buckets are multiples of 16).")
   if mesh is not None:
     params = sampler_params(params, mcfg, mesh) if replicate_weights else _cast_matrices(params, mcfg.dtype)
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
@@ -227,7 +236,7 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
     whole = len(groups) == 1   # on a mesh: no slicing of sharded arrays
     lg, kv = _prefill_jit(params, ids_bt if whole else ids_bt[start:stop, :width],
                           lengths_b if whole else lengths_b[start:stop], kv, np.int32(start * n), mcfg, n,
-                          len(order_b) * n * blocks, slots, mesh)
+                          len(order_b) * n * blocks, slots, mesh, cache_spec)
     logits.append(lg)
     start = stop
   logits_bv = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
@@ -316,7 +325,9 @@ def _cast_matrices(params, dtype: str):
                                           params)
 
 
-def _layer_cache_sharding(mcfg: ModelConfig, mesh):
+def _layer_cache_sharding(mcfg: ModelConfig, mesh, cache_spec: tuple | None = None):
+  if cache_spec is not None:
+    return NamedSharding(mesh, P(*cache_spec))
   """One layer's [R, K, S, E] cache: rows over the batch axes, kv heads over `tensor` when it divides."""
   heads = TENSOR_AXIS if _tensor_size(mesh) > 1 and mcfg.num_kv_heads % _tensor_size(mesh) == 0 else None
   return NamedSharding(mesh, P(batch_axes(mesh), heads, None, None))
@@ -441,9 +452,9 @@ def _pick(x_bv, idx_b):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10), donate_argnums=(3,))
 def _prefill_jit(params, ids_bt, lengths_b, kv, row_start, mcfg: ModelConfig, n: int, rows: int, slots: int,
-                 mesh):
+                 mesh, cache_spec=None):
   """Prefills B prompts once, into a cache exactly as wide as their bucket; returns the logits of each
   prompt's last token [B, V] and the decode cache with their n rollouts' rows from `row_start` filled in.
 
@@ -463,7 +474,7 @@ def _prefill_jit(params, ids_bt, lengths_b, kv, row_start, mcfg: ModelConfig, n:
     c_rkse = jnp.repeat(c_bkse, n, axis=0)
     if whole:
       c_rkse = jnp.pad(c_rkse, ((0, 0), (0, 0), (0, slots - width), (0, 0)))
-      return _constrain(c_rkse, mesh, lambda m: _layer_cache_sharding(mcfg, m))
+      return _constrain(c_rkse, mesh, lambda m: _layer_cache_sharding(mcfg, m, cache_spec))
     if buf is None:
       buf = jnp.zeros((rows, mcfg.num_kv_heads, slots, mcfg.head_dim), c_bkse.dtype)
     return jax.lax.dynamic_update_slice(buf, c_rkse, (row_start, 0, 0, 0))

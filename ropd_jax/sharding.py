@@ -35,8 +35,13 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^layers/o$", (None, "tensor", None)),            # [L, H*E, D]
     (r"^layers/(gate|up)$", (None, None, "tensor")),    # [L, D, F]: MLP hidden over tensor
     (r"^layers/down$", (None, "tensor", None)),         # [L, F, D]
+    # The sampler's KV cache, one [rows, kv_heads, slots, head_dim] buffer per layer (`kv_cache_spec`).
+    (r"^kv_cache/(k|v)$", (BATCH_AXES, "tensor", None, None)),
     (r".*", ()),                                        # norms, o_bias: replicated (fsdp may still apply)
 )
+
+# Paths the rules resolve besides the params: the sampler's per-layer KV cache.
+CACHE_PATHS = ("kv_cache/k", "kv_cache/v")
 
 # Params under this prefix carry the stacked-layer axis first; scanning over a sharded axis would gather it.
 _STACKED_PREFIX = "layers/"
@@ -200,10 +205,50 @@ def partition_specs(params: Any, mesh_sizes: Mapping[str, int], rules: Iterable 
       raise ShardingError(f"parameter {path!r} matches no partition rule; add one to mesh.rules.")
     specs[path] = spec_for(path, shape, spec, mesh_sizes, auto_fsdp, auto_fsdp_min_size)
   for (pattern, _), n in zip(user, hits):
-    if n == 0:
+    if n == 0 and not any(re.search(pattern, path) for path in CACHE_PATHS):
       raise ShardingError(f"mesh.rules pattern {pattern!r} matches no parameter; parameters are: "
-                          f"{', '.join(sorted(flat))}.")
+                          f"{', '.join(sorted(flat))} (and {', '.join(CACHE_PATHS)}).")
   return model_lib.unflatten_params(specs)
+
+
+def kv_cache_spec(mesh: Mesh, num_kv_heads: int, rules: Iterable = ()) -> tuple:
+  """PartitionSpec entries of the sampler's per-layer KV cache `[rows, kv_heads, slots, head_dim]`: the
+  first rule (user rules first) matching `kv_cache/k`, e.g. `('kv_cache', (('data', 'fsdp'), None, 'tensor',
+  None))` splits the slots instead of the heads (long rollouts, few kv heads). Rows must stay on the batch
+  axes (each host holds its own rows). By default kv heads go over `tensor` when it divides them."""
+  user = _normalize_rules(rules)
+  pattern, spec = next(r for r in user + _normalize_rules(DEFAULT_RULES) if re.search(r[0], CACHE_PATHS[0]))
+  from_user = any(pattern == p for p, _ in user)
+  if len(spec) > 4:
+    raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {spec} has more than 4 entries "
+                        "([rows, kv_heads, slots, head_dim]).")
+  full = [None] * (4 - len(spec)) + list(spec)
+  present = lambda entry: tuple(a for a in _axes_of(entry) if a in mesh.axis_names)  # noqa: E731
+  for entry in full:
+    unknown = [a for a in _axes_of(entry) if a not in MESH_AXES]
+    if unknown:
+      raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {tuple(full)} names mesh axis {unknown[0]!r}; "
+                          f"the mesh axes are {MESH_AXES}.")
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if present(full[0]) != batch:
+    raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {tuple(full)} must split its rows (first entry) "
+                        f"over the batch axes {batch}, like the rollouts; put other axes on kv_heads or slots.")
+  used = [a for entry in full for a in present(entry)]
+  if len(used) != len(set(used)):
+    raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {tuple(full)} uses a mesh axis twice.")
+  heads = math.prod(mesh.shape[a] for a in present(full[1]))
+  if num_kv_heads % heads:
+    if from_user:
+      raise ShardingError(f"mesh.rules {pattern!r}: kv_cache kv_heads={num_kv_heads} is not divisible by mesh "
+                          f"axes {present(full[1])} of size {heads}; split the slots instead, e.g. "
+                          f"(('data', 'fsdp'), None, {present(full[1])[0]!r}, None).")
+    full[1] = None   # the default: heads stay whole when tensor does not divide them
+
+  def entry(e):
+    axes = present(e)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+  return (batch,) + tuple(entry(e) for e in full[1:])
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: Iterable = (), auto_fsdp: bool = True,

@@ -118,6 +118,7 @@ class Run:
                   logits_window=cfg.sampling.max_new_tokens)
     self.optimizer = rl.make_optimizer(cfg.rl, cfg.total_steps)  # schedules count training steps
     self.param_sh = sharding_lib.param_shardings_from_config(params, self.mesh, cfg.mesh)
+    self.cache_spec = sharding_lib.kv_cache_spec(self.mesh, self.model_cfg.num_kv_heads, cfg.mesh.rules or ())
     state_sh = rl.train_state_shardings(params, self.optimizer, self.mesh, self.param_sh)
     self.state = rl.init_train_state(params, self.optimizer, state_sh)
     self.train_step = rl.make_train_step(self.model_cfg, rl_cfg, self.optimizer, self.mesh, self.param_sh)
@@ -150,7 +151,7 @@ class Run:
     ids_bt, lengths_b = sampling.pad_prompts([self.tok.encode(r["text"]) for r in rows], self.scfg)
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)  # resumable: a function of the step
     ro = sampling.sample(self.state.params, ids_bt, lengths_b, rng, self.model_cfg, self.scfg, self.mesh,
-                         replicate_weights=self.cfg.sampling.replicate_weights)
+                         replicate_weights=self.cfg.sampling.replicate_weights, cache_spec=self.cache_spec)
     ro = jax.tree.map(hosts.to_local, ro)   # this host's rows, on the host
     if self.scfg.stop_strings:
       ro = jax.tree.map(np.asarray, sampling.apply_stop_strings(ro, self.tok.decode, self.scfg.stop_strings))

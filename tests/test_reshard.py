@@ -1,6 +1,8 @@
-"""The once-per-step reshard from the training layout (float32, split over fsdp) to the sampler's."""
+"""The sampler's layouts: the once-per-step weight reshard from the training layout (float32, split over
+fsdp), and the KV cache layout from the config's rules."""
 import jax
 import numpy as np
+import pytest
 
 from ropd_jax import model as model_lib
 from ropd_jax import sampling
@@ -49,3 +51,39 @@ def test_sampling_in_the_training_layout_gives_the_same_tokens():
   ref = sampling.sample(params, ids, lengths, jax.random.key(2), CFG, scfg)
   got = sampling.sample(train, ids, lengths, jax.random.key(2), CFG, scfg, mesh=mesh, replicate_weights=False)
   np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
+
+
+def test_kv_cache_spec_from_the_rules():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding.kv_cache_spec(mesh, 2) == (("data", "fsdp"), "tensor", None, None)   # default
+  assert sharding.kv_cache_spec(mesh, 3) == (("data", "fsdp"), None, None, None)       # 3 heads: whole
+  slots = [("kv_cache", (("data", "fsdp"), None, "tensor", None))]
+  assert sharding.kv_cache_spec(mesh, 3, slots) == (("data", "fsdp"), None, "tensor", None)
+  # a rule for the cache alone is a valid user rule for the params too (it matches kv_cache/k)
+  params = model_lib.init_params(CFG, jax.random.key(0))
+  sharding.param_shardings(params, mesh, rules=slots)
+  with pytest.raises(sharding.ShardingError, match="must split its rows"):
+    sharding.kv_cache_spec(mesh, 2, [("kv_cache", ("tensor", None, None, None))])
+  with pytest.raises(sharding.ShardingError, match="kv_heads=3 is not divisible"):
+    sharding.kv_cache_spec(mesh, 3, [("kv_cache", (("data", "fsdp"), "tensor", None, None))])
+  with pytest.raises(sharding.ShardingError, match="names mesh axis 'seq'"):
+    sharding.kv_cache_spec(mesh, 2, [("kv_cache", (("data", "fsdp"), None, "seq", None))])
+
+
+def test_cache_split_over_slots_samples_the_same_tokens():
+  # Slots over tensor (a sequence-split cache) instead of heads: the prefill places it so, decode agrees.
+  params, mesh, train = _train_layout({"data": 2, "fsdp": 1, "tensor": 4})
+  spec = sharding.kv_cache_spec(mesh, CFG.num_kv_heads, [("kv_cache", (("data", "fsdp"), None, "tensor", None))])
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=8, n=2, stop_token_ids=())
+  ids, lengths = sampling.pad_prompts([[5, 6, 7], [8, 9]], scfg)
+  _, kv = sampling._prefill_jit(sampling.sampler_params(train, CFG, mesh), ids, lengths, None, np.int32(0),
+                                CFG, 2, 4, ids.shape[1] + 8, mesh, spec)
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
+  assert kv[0][0].sharding.is_equivalent_to(want, 4)
+  assert kv[0][0].addressable_shards[0].data.shape == (2, CFG.num_kv_heads, (ids.shape[1] + 8) // 4, 8)
+  ref = sampling.sample(params, ids, lengths, jax.random.key(4), CFG, scfg)
+  got = sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg, mesh=mesh, cache_spec=spec)
+  np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
+  with pytest.raises(ValueError, match="do not split over tensor"):
+    sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg.replace(max_new_tokens=7), mesh=mesh,
+                    cache_spec=spec)
