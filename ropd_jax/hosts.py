@@ -26,21 +26,25 @@ class HostLayoutError(ValueError):
   """A mesh on which hosts would not each hold their own rows of the batch."""
 
 
-def initialize_from_env() -> None:
+def initialize_from_env(coordinator_address: str | None = None, num_processes: int | None = None,
+                        process_id: int | None = None) -> None:
   """`jax.distributed.initialize` when this is one of several processes; call before any JAX compute.
 
   Cloud TPU pods: detected from TPU_WORKER_HOSTNAMES, JAX finds its peers itself. GPU / CPU clusters (or
-  several processes on one machine): JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID, set per process by the launcher (Slurm, a JobSet, a test).
+  several processes on one machine): the arguments (the trainer's --coordinator_address, --num_processes,
+  --process_id flags), else JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, set
+  per process by the launcher (Slurm, a JobSet, a test).
   """
   if jax.distributed.is_initialized():
     return
-  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address:
-    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    count = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
     if count is None or index is None:
-      raise HostLayoutError(f"JAX_COORDINATOR_ADDRESS={address} is set but JAX_NUM_PROCESSES / JAX_PROCESS_ID "
-                            "are not; set all three for every process (or unset the address on one host).")
+      raise HostLayoutError(f"coordinator address {address} is set but the process count / id are not; give "
+                            "every process --num_processes and --process_id (or JAX_NUM_PROCESSES and "
+                            "JAX_PROCESS_ID), or drop the address on a single host.")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
   elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
     jax.distributed.initialize()

@@ -42,6 +42,10 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, artifacts, judge cache); default "
                       "runs/<config name>. An existing run in it is resumed.")
+  # Multi-host off Cloud TPU (GPU clusters, several processes on one machine); TPU pods need none of these.
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the run (else $JAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (else $JAX_PROCESS_ID).")
 
 
 class ConfigError(ValueError):
@@ -359,6 +363,8 @@ def main(argv):
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = flags.FLAGS.workdir or os.path.join("runs", name)
   try:
+    hosts.initialize_from_env(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                              flags.FLAGS.process_id)
     summary = train(cfg, workdir)
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)

@@ -24,15 +24,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(workdir, processes: int, *flags) -> list[subprocess.CompletedProcess]:
-  """`python -m ropd_jax.train` on configs/tiny.py as `processes` hosts sharing 8 CPU devices."""
+def _train(workdir, processes: int, *flags, cli: bool = False) -> list[subprocess.CompletedProcess]:
+  """`python -m ropd_jax.train` on configs/tiny.py as `processes` hosts sharing 8 CPU devices, joined
+  through the JAX_* environment variables, or with `cli` through the trainer's own flags."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
-  if processes > 1:
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+  address = f"127.0.0.1:{_free_port()}"
   cmd = [sys.executable, "-m", "ropd_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
-  procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  cmds, envs = [cmd] * processes, [env] * processes
+  if processes > 1 and cli:
+    cmds = [cmd + [f"--coordinator_address={address}", f"--num_processes={processes}", f"--process_id={i}"]
+            for i in range(processes)]
+  elif processes > 1:
+    envs = [dict(env, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
+            for i in range(processes)]
+  procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for c, e in zip(cmds, envs)]
   done = []
   for p in procs:
     try:
@@ -100,7 +107,7 @@ def test_two_hosts_train_like_one_and_resume_on_one(one_host, tmp_path):
 
 def test_a_mesh_that_splits_no_rows_across_hosts_is_refused(tmp_path):
   # tensor over all 8 devices spans both hosts, so both would need every row: a clear error, exit 2.
-  runs = _train(str(tmp_path / "bad"), 2, "--config.mesh.data=1", "--config.mesh.tensor=-1")
+  runs = _train(str(tmp_path / "bad"), 2, "--config.mesh.data=1", "--config.mesh.tensor=-1", cli=True)
   for r in runs:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "each of the 2 hosts must hold its own contiguous" in r.stderr
