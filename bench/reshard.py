@@ -56,13 +56,10 @@ def _local_bytes(tree) -> int:
   return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
 
 
-def _median_s(fn, reps):
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def _seconds(fn):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -87,8 +84,8 @@ def main(argv=None):
     recv_cast = _local_bytes(cast_out) - held // 2   # the device's own shard, cast, is not received
     put_s, cast_s = [], []
     for _ in range(args.reps):   # alternate, so a change of load hits both
-      put_s.append(_median_s(put, 1))
-      cast_s.append(_median_s(cast, 1))
+      put_s.append(_seconds(put))
+      cast_s.append(_seconds(cast))
     put_ms, cast_ms = statistics.median(put_s) * 1e3, statistics.median(cast_s) * 1e3
     print(f"{text:>13} | {held / 2**20:13,.1f} | {recv_put / 2**20:20,.1f} {put_ms:8.1f} | "
           f"{recv_cast / 2**20:27,.1f} {cast_ms:8.1f} | {put_ms / cast_ms:.2f}x")

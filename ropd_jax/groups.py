@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from ropd_jax import math_answer
@@ -100,7 +99,7 @@ def train_batch(ro: sampling.Rollouts, results: Sequence[rewards_lib.GroupResult
   valid_g = np.array([r.ok for r in results])
   rewards_b = np.concatenate([np.asarray(r.student_rewards, np.float32) for r in results])
   advantages_b = np.asarray(rl.group_advantages(rewards_b, n, valid_g, normalize_std=normalize_std))
-  sample_valid_b = np.repeat(valid_g, n)
+  sample_valid_b = np.asarray(rl.group_row_mask(valid_g, n))
   rows = rows or slice(0, len(rewards_b))
   batch = {"tokens_bt": full["tokens_bt"], "valid_bt": full["valid_bt"],
            "loss_mask_bt": full["response_mask_bt"][:, 1:], "old_logprobs_bt": full["old_logprobs_bt"][:, 1:],
@@ -148,7 +147,3 @@ def merge_retry(results: list, retried: list, failed_idx: Sequence[int]) -> list
   for i, r in zip(failed_idx, retried):
     out[i] = r
   return out
-
-
-def to_host(x):
-  return np.asarray(jax.device_get(x))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from ropd_jax import sharding
 
 
 class HostLayoutError(ValueError):
@@ -60,7 +60,7 @@ def batch_block(mesh: Mesh) -> tuple[int, int]:
   count = jax.process_count()
   if count == 1:
     return 0, 1
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  axes = sharding.batch_axes(mesh)
   shards = int(np.prod([mesh.shape[a] for a in axes]))
   index_map = NamedSharding(mesh, P(axes)).devices_indices_map((shards,))
   rows: dict[int, set[int]] = {}

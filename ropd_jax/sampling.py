@@ -43,11 +43,11 @@ from jax.sharding import PartitionSpec as P
 
 from ropd_jax import hosts
 from ropd_jax import model as model_lib
+from ropd_jax import sharding
 from ropd_jax.model import ModelConfig
 
 _BLOCK = 256          # tokens per block of the two-level inverse-CDF draw
 _BISECT_STEPS = 31    # bit patterns of probabilities in [0, 1] lie in [0, 2^30]: 31 halvings pin one exactly
-BATCH_AXES = ("data", "fsdp")   # mesh axes the rollout batch is split over (those present in the mesh)
 TENSOR_AXIS = "tensor"          # mesh axis heads / hidden / vocab are split over
 
 
@@ -270,8 +270,7 @@ def _prefill_groups(lengths_b: np.ndarray, scfg: SamplingConfig, mesh) -> list[t
 # ---------------------------------------------------------------------------------------------- sharding
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+batch_axes = sharding.batch_axes   # the rollout batch is split over those of (data, fsdp) the mesh has
 
 
 def _batch_shards(mesh) -> int:
@@ -326,11 +325,9 @@ def _cast_matrices(params, dtype: str):
 
 
 def _layer_cache_sharding(mcfg: ModelConfig, mesh, cache_spec: tuple | None = None):
-  if cache_spec is not None:
-    return NamedSharding(mesh, P(*cache_spec))
-  """One layer's [R, K, S, E] cache: rows over the batch axes, kv heads over `tensor` when it divides."""
-  heads = TENSOR_AXIS if _tensor_size(mesh) > 1 and mcfg.num_kv_heads % _tensor_size(mesh) == 0 else None
-  return NamedSharding(mesh, P(batch_axes(mesh), heads, None, None))
+  """One layer's [R, K, S, E] cache: `cache_spec`, or the rules' default (rows over the batch axes, kv
+  heads over `tensor` when it divides them)."""
+  return NamedSharding(mesh, P(*(cache_spec or sharding.kv_cache_spec(mesh, mcfg.num_kv_heads))))
 
 
 def _constrain(x, mesh, spec_fn):

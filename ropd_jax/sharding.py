@@ -124,6 +124,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The batch axes (`data`, `fsdp`) this mesh has (a sampler mesh may lack some)."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
@@ -229,7 +234,7 @@ def kv_cache_spec(mesh: Mesh, num_kv_heads: int, rules: Iterable = ()) -> tuple:
     if unknown:
       raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {tuple(full)} names mesh axis {unknown[0]!r}; "
                           f"the mesh axes are {MESH_AXES}.")
-  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  batch = batch_axes(mesh)
   if present(full[0]) != batch:
     raise ShardingError(f"mesh.rules {pattern!r}: kv_cache spec {tuple(full)} must split its rows (first entry) "
                         f"over the batch axes {batch}, like the rollouts; put other axes on kv_heads or slots.")

@@ -208,16 +208,22 @@ def test_nucleus_and_top_k_thresholds_equal_sort_based_rules():
 # ------------------------------------------------------------------------------------------- groups, seeds, stops
 
 
-def test_groups_share_one_prefill_and_rows_are_reproducible(monkeypatch):
-  cfg, params, _ = _load("qwen2")
-  batches = []
+def _spy_forward_shapes(monkeypatch) -> list:
+  """Records the token shape of every `model.forward` call (each is one traced prefill)."""
+  shapes = []
   real_forward = model.forward
 
   def spy(params, tokens_bt, *a, **kw):
-    batches.append(tokens_bt.shape)
+    shapes.append(tokens_bt.shape)
     return real_forward(params, tokens_bt, *a, **kw)
 
   monkeypatch.setattr(model, "forward", spy)
+  return shapes
+
+
+def test_groups_share_one_prefill_and_rows_are_reproducible(monkeypatch):
+  cfg, params, _ = _load("qwen2")
+  batches = _spy_forward_shapes(monkeypatch)
   scfg = SamplingConfig(max_new_tokens=7, n=3, stop_token_ids=())
   ro = _sample(params, cfg, scfg, seed=5)
   assert batches == [(2, 16)], "expected one prefill over the 2 prompts, not one per rollout"
@@ -241,14 +247,7 @@ def test_length_sorted_prefill_groups_equal_one_padded_prefill(monkeypatch):
   prompts = [rng.integers(3, 90, size=k).tolist() for k in lengths]
   scfg = SamplingConfig(temperature=1.1, top_p=0.95, max_new_tokens=4, n=2, stop_token_ids=())
   one = _sample(params, cfg, scfg.replace(prefill_groups=1), prompts=prompts, seed=8)
-  widths = []
-  real_forward = model.forward
-
-  def spy(params, tokens_bt, *a, **kw):
-    widths.append(tokens_bt.shape)
-    return real_forward(params, tokens_bt, *a, **kw)
-
-  monkeypatch.setattr(model, "forward", spy)
+  widths = _spy_forward_shapes(monkeypatch)
   grouped = _sample(params, cfg, scfg.replace(prefill_groups=4), prompts=prompts, seed=8)
   monkeypatch.undo()
   # sorted lengths 2 3 | 5 9 | 17 20 | 33 40 -> buckets 16, 16, 32, 48 (one jit per width)
