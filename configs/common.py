@@ -40,6 +40,9 @@ def sampling_config():
   c.top_k = 0                 # 0 = off
   c.max_new_tokens = 8192     # response length cap; longer rollouts are truncated and flagged
   c.stop_strings = ()         # extra stop strings (the tokenizer's EOS / end-of-turn ids always stop)
+  # KV cache room for this many new tokens at first, doubled while rollouts still run (0: max_new_tokens
+  # at once): decode attention and cache memory follow the longest rollout; one compile per size.
+  c.cache_grow_from = 1024
   # Sampler copy of the weights replicated over data/fsdp (no all-gather per decode step); False keeps
   # the training layout: less memory per chip (docs/scaling.md), an all-gather per layer per decode step.
   c.replicate_weights = True

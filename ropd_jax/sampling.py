@@ -18,7 +18,11 @@ they exist twice.
 
 Shapes are static: the prompt width is bucketed (`prompt_buckets`), the response buffer is
 `max_new_tokens` wide, so a steady-state trainer never recompiles. The loop stops early once every row
-has hit a stop token.
+has hit a stop token. The cache holds room for `cache_grow_from` new tokens at first and doubles (a
+padded copy, then the loop goes on) only when a row is still running at its end: each step's attention
+reads, and the cache's memory, follow the longest live rollout instead of `max_new_tokens`, which at the
+paper's 8192-token cap is most of the cache most of the time. Each cache size is one more compile of the
+loop, made once.
 
 Randomness: rollout r at decode step t draws from `fold_in(fold_in(rng, r), t)`, so a row's tokens depend
 only on (rng, r, its own logits): the same on one CPU or a sharded pod, and reproducible run to run.
@@ -70,6 +74,9 @@ class SamplingConfig:
   # on padding when lengths vary (the group count is lowered until it divides the batch; 1 on a mesh).
   prefill_groups: int = 4
   truncate_prompt: bool = False   # keep the last tokens of a too-long prompt instead of raising
+  # New-token room of the first KV cache; it doubles (up to max_new_tokens) while rows still run, so
+  # attention reads and cache memory follow the longest rollout. 0: room for max_new_tokens at once.
+  cache_grow_from: int = 1024
   pad_id: int = 0                 # written after a row's end in tokens_bt
 
   def __post_init__(self):
@@ -84,6 +91,9 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an int >= 0; use 0 to disable top-k.")
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an int >= 1.")
+    if not isinstance(self.cache_grow_from, int) or self.cache_grow_from < 0:
+      raise ValueError(f"SamplingConfig.cache_grow_from={self.cache_grow_from!r}: must be an int >= 0 "
+                       "(0 allocates room for max_new_tokens at once).")
     if not isinstance(self.prefill_groups, int) or self.prefill_groups < 1:
       raise ValueError(f"SamplingConfig.prefill_groups={self.prefill_groups!r}: must be an int >= 1.")
     if not self.prompt_buckets or min(self.prompt_buckets) < 1:
@@ -96,6 +106,16 @@ class SamplingConfig:
   @property
   def is_greedy(self) -> bool:
     return self.greedy or self.temperature == 0
+
+  @property
+  def cache_capacities(self) -> tuple[int, ...]:
+    """New-token room of each KV cache size the decode may grow through; the last is max_new_tokens."""
+    room, new = self.cache_grow_from, self.max_new_tokens
+    caps = []
+    while 0 < room < new:
+      caps.append(room)
+      room *= 2
+    return (*caps, new)
 
   def replace(self, **kw) -> "SamplingConfig":
     return dataclasses.replace(self, **kw)
@@ -218,31 +238,43 @@ def sample(params, prompt_ids_bt, prompt_lengths_b, rng: jax.Array, model_cfg: M
   ids_bt, lengths_b, live_b = ids_bt[order_b], lengths_b[order_b], live_b[order_b]
   prompt_ids_b = block * b + order_b            # seeds: global prompt ids (padding rows are never live)
   row_ids_r = (prompt_ids_b[:, None] * n + np.arange(n)).reshape(-1).astype(np.int32)
-  slots = ids_bt.shape[1] + scfg.max_new_tokens
+  width, capacities = ids_bt.shape[1], scfg.cache_capacities
   if cache_spec is not None and mesh is not None and cache_spec[2] is not None:
     split = int(np.prod([mesh.shape[a] for a in np.atleast_1d(cache_spec[2])]))
-    if slots % split:
-      raise ValueError(f"the KV cache's {slots} slots (prompt bucket {ids_bt.shape[1]} + max_new_tokens "
-                       f"{scfg.max_new_tokens}) do not split over {cache_spec[2]} ({split}); make "
-                       "max_new_tokens a multiple of it (prompt buckets are multiples of 16).")
+    bad = [width + c for c in capacities if (width + c) % split]
+    if bad:
+      raise ValueError(f"a KV cache of {bad[0]} slots (prompt bucket {width} + new-token room "
+                       f"{bad[0] - width}, from max_new_tokens={scfg.max_new_tokens} and cache_grow_from="
+                       f"{scfg.cache_grow_from}) does not split over {cache_spec[2]} ({split}); make both "
+                       "multiples of it (prompt buckets are multiples of 16).")
   if mesh is not None:
     params = sampler_params(params, mcfg, mesh) if replicate_weights else _cast_matrices(params, mcfg.dtype)
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     ids_bt = hosts.to_global(ids_bt, NamedSharding(mesh, P(batch_axes(mesh), None)))
     lengths_b, live_b, row_ids_r = (hosts.to_global(x, rows) for x in (lengths_b, live_b, row_ids_r))
   kv, logits, start = None, [], 0
-  for group_b, width in groups:
+  for group_b, group_width in groups:
     stop = start + len(group_b)
     whole = len(groups) == 1   # on a mesh: no slicing of sharded arrays
-    lg, kv = _prefill_jit(params, ids_bt if whole else ids_bt[start:stop, :width],
+    lg, kv = _prefill_jit(params, ids_bt if whole else ids_bt[start:stop, :group_width],
                           lengths_b if whole else lengths_b[start:stop], kv, np.int32(start * n), mcfg, n,
-                          len(order_b) * n * blocks, slots, mesh, cache_spec)
+                          len(order_b) * n * blocks, width + capacities[0], mesh, cache_spec)
     logits.append(lg)
     start = stop
   logits_bv = logits[0] if len(logits) == 1 else jnp.concatenate(logits)
-  # Host-side fields do not reach the decode jit, so changing them does not recompile it.
-  dcfg = scfg.replace(stop_strings=(), prompt_buckets=(1,), prefill_groups=1, truncate_prompt=False)
-  out, _ = _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg, dcfg, mesh)
+  # Host-side fields do not reach the decode jits, so changing them does not recompile them.
+  dcfg = scfg.replace(stop_strings=(), prompt_buckets=(1,), prefill_groups=1, truncate_prompt=False,
+                      cache_grow_from=0)
+  dec = _decode_params_jit(params, mcfg)
+  state = _first_draw_jit(logits_bv, lengths_b, live_b, row_ids_r, rng, mcfg, dcfg, mesh)
+  for i, room in enumerate(capacities):
+    if i:
+      kv = _grow_jit(kv, width + room, mcfg, mesh, cache_spec)
+    state, kv, all_done = _decode_loop_jit(dec, kv, state, mcfg, dcfg, room)
+    if room == capacities[-1] or bool(all_done):   # one host sync per cache size, none for one size
+      break
+  del kv
+  out = _rollouts_jit(state, ids_bt, row_ids_r, n)
   if len(groups) > 1:   # back to the caller's order: row i*n + j is rollout j of prompt i
     src_r = np.argsort(row_ids_r)
     out = jax.tree.map(lambda x: x[src_r], out)
@@ -481,59 +513,101 @@ def _prefill_jit(params, ids_bt, lengths_b, kv, row_start, mcfg: ModelConfig, n:
   return logits_bv, kv
 
 
-@functools.partial(jax.jit, static_argnums=(8, 9, 10), donate_argnums=(1,))
-def _decode_jit(params, kv, logits_bv, ids_bt, lengths_b, live_b, row_ids_r, rng, mcfg: ModelConfig,
-                scfg: SamplingConfig, mesh):
-  """The first draw from the prefill logits, then a `while_loop` of decode steps until every row stopped
-  or max_new_tokens. Returns the cache too, only so that the donated `kv` buffers can be the loop's own
-  (updated in place, not copied first)."""
-  b = ids_bt.shape[0]
+class _Decoding(NamedTuple):
+  """The decode loop's state, carried from one cache size to the next. Row arrays are [R] / [R, N]."""
+  t: jax.Array            # [] int32: the response index the next draw fills
+  tok_r: jax.Array        # the last drawn token (the next one fed)
+  tokens_rn: jax.Array
+  logp_rn: jax.Array
+  pol_rn: jax.Array
+  done_r: jax.Array       # stopped, truncated or a padding row
+  len_r: jax.Array
+  stopped_r: jax.Array    # ended by a stop token
+  plen_r: jax.Array       # prompt length: the fed token's position is plen_r + t - 1
+  row_keys_r: jax.Array   # per-row keys; step t draws with fold_in(key, t)
+
+
+def _stop_ids(mcfg: ModelConfig, scfg: SamplingConfig):
+  return jnp.asarray(scfg.stop_token_ids if scfg.stop_token_ids is not None else mcfg.eos_token_ids,
+                     jnp.int32).reshape(-1)
+
+
+def _is_stop(tok_r, stop_ids):
+  return jnp.any(tok_r[:, None] == stop_ids[None, :], axis=-1)
+
+
+def _step_keys(row_keys_r, t):
+  return jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys_r)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _first_draw_jit(logits_bv, lengths_b, live_b, row_ids_r, rng, mcfg: ModelConfig, scfg: SamplingConfig,
+                    mesh) -> _Decoding:
+  """The draw from each prompt's prefill logits (repeated for its n rollouts): the loop's first state."""
   n, new = scfg.n, scfg.max_new_tokens
-  r = b * n
-  stop_ids = jnp.asarray(scfg.stop_token_ids if scfg.stop_token_ids is not None else mcfg.eos_token_ids,
-                         jnp.int32).reshape(-1)
-  dec = _decode_params(params, mcfg)
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-  logits_rv, plen_r, live_r = rep(logits_bv), rep(lengths_b), rep(live_b)
-  row_keys_r = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids_r.astype(jnp.uint32))
-
-  def step_keys(t):
-    return jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys_r)
-
-  def is_stop(tok_r):
-    return jnp.any(tok_r[:, None] == stop_ids[None, :], axis=-1)
-
-  tok_r, logp_r, pol_r = draw(logits_rv, step_keys(0), scfg)
-  tokens_rn = jnp.full((r, new), scfg.pad_id, jnp.int32).at[:, 0].set(tok_r)
-  logp_rn = jnp.zeros((r, new), jnp.float32).at[:, 0].set(logp_r)
-  pol_rn = jnp.zeros((r, new), jnp.float32).at[:, 0].set(pol_r)
   rows = lambda x: _constrain(x, mesh, _rows_spec(x.ndim))  # noqa: E731
-  done_r = ~live_r | is_stop(tok_r)
-  state = (jnp.int32(1), tok_r, kv, rows(tokens_rn), rows(logp_rn), rows(pol_rn), rows(done_r),
-           rows(jnp.ones((r,), jnp.int32)), rows(is_stop(tok_r)))
+  logits_rv, plen_r, live_r = rep(logits_bv), rep(lengths_b), rep(live_b)
+  r = logits_rv.shape[0]
+  row_keys_r = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids_r.astype(jnp.uint32))
+  tok_r, logp_r, pol_r = draw(logits_rv, _step_keys(row_keys_r, 0), scfg)
+  stopped_r = _is_stop(tok_r, _stop_ids(mcfg, scfg))
+  first = lambda x, dtype, fill: rows(jnp.full((r, new), fill, dtype).at[:, 0].set(x))  # noqa: E731
+  return _Decoding(t=jnp.int32(1), tok_r=rows(tok_r), tokens_rn=first(tok_r, jnp.int32, scfg.pad_id),
+                   logp_rn=first(logp_r, jnp.float32, 0.0), pol_rn=first(pol_r, jnp.float32, 0.0),
+                   done_r=rows(~live_r | stopped_r), len_r=rows(jnp.ones((r,), jnp.int32)),
+                   stopped_r=rows(stopped_r), plen_r=rows(plen_r), row_keys_r=rows(row_keys_r))
 
-  def cond(state):
-    t, done_r = state[0], state[6]
-    return (t < new) & ~jnp.all(done_r)
 
-  def body(state):
-    t, tok_r, kv, tokens_rn, logp_rn, pol_rn, done_r, len_r, stopped_r = state
-    pos_r = plen_r + t - 1   # position of the token being fed
-    logits_rv, kv = _decode_step(dec, tok_r, pos_r, kv, mcfg)
-    tok_r, logp_r, pol_r = draw(logits_rv, step_keys(t), scfg)
-    tok_r = jnp.where(done_r, scfg.pad_id, tok_r)
-    tokens_rn = tokens_rn.at[:, t].set(tok_r)
-    logp_rn = logp_rn.at[:, t].set(jnp.where(done_r, 0.0, logp_r))
-    pol_rn = pol_rn.at[:, t].set(jnp.where(done_r, 0.0, pol_r))
-    hit_r = ~done_r & is_stop(tok_r)
-    len_r = len_r + (~done_r).astype(jnp.int32)
-    return (t + 1, tok_r, kv, tokens_rn, logp_rn, pol_rn, done_r | hit_r, len_r, stopped_r | hit_r)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1, 2))
+def _decode_loop_jit(dec, kv, state: _Decoding, mcfg: ModelConfig, scfg: SamplingConfig,
+                     room: int) -> tuple[_Decoding, tuple, jax.Array]:
+  """Decode steps until every row stopped, max_new_tokens, or the cache's `room` new tokens are used
+  (the caller then grows the cache and calls again). Returns the state, the cache (so that the donated
+  `kv` buffers can be the loop's own, updated in place) and whether every row is done."""
+  stop_ids = _stop_ids(mcfg, scfg)
+  end = min(room, scfg.max_new_tokens)
 
-  state = jax.lax.while_loop(cond, body, state)
-  _, _, kv, tokens_rn, logp_rn, pol_rn, _, len_r, stopped_r = state
-  return Rollouts(prompt_ids=rep(ids_bt), prompt_lengths_b=plen_r, tokens_bt=tokens_rn, lengths_b=len_r,
-                  finished_b=stopped_r, logprobs_bt=logp_rn, policy_logprobs_bt=pol_rn,
-                  group_b=row_ids_r // n), kv
+  def cond(carry):
+    s, _ = carry
+    return (s.t < end) & ~jnp.all(s.done_r)
+
+  def body(carry):
+    s, kv = carry
+    logits_rv, kv = _decode_step(dec, s.tok_r, s.plen_r + s.t - 1, kv, mcfg)
+    tok_r, logp_r, pol_r = draw(logits_rv, _step_keys(s.row_keys_r, s.t), scfg)
+    tok_r = jnp.where(s.done_r, scfg.pad_id, tok_r)
+    hit_r = ~s.done_r & _is_stop(tok_r, stop_ids)
+    s = s._replace(t=s.t + 1, tok_r=tok_r, tokens_rn=s.tokens_rn.at[:, s.t].set(tok_r),
+                   logp_rn=s.logp_rn.at[:, s.t].set(jnp.where(s.done_r, 0.0, logp_r)),
+                   pol_rn=s.pol_rn.at[:, s.t].set(jnp.where(s.done_r, 0.0, pol_r)),
+                   len_r=s.len_r + (~s.done_r).astype(jnp.int32), done_r=s.done_r | hit_r,
+                   stopped_r=s.stopped_r | hit_r)
+    return s, kv
+
+  state, kv = jax.lax.while_loop(cond, body, (state, kv))
+  return state, kv, jnp.all(state.done_r) | (state.t >= scfg.max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))   # a bigger output: donation cannot help
+def _grow_jit(kv, slots: int, mcfg: ModelConfig, mesh, cache_spec=None):
+  """Each layer's cache padded with empty slots to `slots` (the rows' slots keep their positions)."""
+  def grow(c_rkse):
+    c_rkse = jnp.pad(c_rkse, ((0, 0), (0, 0), (0, slots - c_rkse.shape[2]), (0, 0)))
+    return _constrain(c_rkse, mesh, lambda m: _layer_cache_sharding(mcfg, m, cache_spec))
+  return jax.tree.map(grow, kv)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _rollouts_jit(state: _Decoding, ids_bt, row_ids_r, n: int) -> Rollouts:
+  return Rollouts(prompt_ids=jnp.repeat(ids_bt, n, axis=0), prompt_lengths_b=state.plen_r,
+                  tokens_bt=state.tokens_rn, lengths_b=state.len_r, finished_b=state.stopped_r,
+                  logprobs_bt=state.logp_rn, policy_logprobs_bt=state.pol_rn, group_b=row_ids_r // n)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _decode_params_jit(params, mcfg: ModelConfig):
+  return _decode_params(params, mcfg)
 
 
 def _decode_params(params, mcfg: ModelConfig):

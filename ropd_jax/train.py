@@ -73,6 +73,7 @@ def preflight(cfg, workdir: str):
   if rows % cfg.rl.num_minibatches:
     raise ConfigError(f"data.prompts_per_step x sampling.n = {rows} rollouts do not split into "
                       f"rl.num_minibatches={cfg.rl.num_minibatches}; change one of them.")
+  sampling_config(cfg)
   if cfg.on_gate not in ("skip", "stop"):
     raise ConfigError(f"on_gate={cfg.on_gate!r}; choose skip or stop.")
   if cfg.reward not in ("ropd", "correctness"):
@@ -83,6 +84,18 @@ def preflight(cfg, workdir: str):
   if not ckpt_lib.is_writable(workdir):
     raise ConfigError(f"workdir {workdir!r} is not writable; pass --workdir=<a folder you can write>.")
   return load_teacher_index(cfg, data_lib.read_rows(data_lib.build_source(cfg.data)))
+
+
+def sampling_config(cfg, stop_token_ids=None, pad_id: int = 0) -> sampling.SamplingConfig:
+  """The sampler's settings from `cfg.sampling`; a bad value is a ConfigError naming its config field."""
+  c = cfg.sampling
+  try:
+    return sampling.SamplingConfig(
+        temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens, n=c.n,
+        cache_grow_from=c.cache_grow_from, stop_token_ids=stop_token_ids,
+        stop_strings=tuple(c.stop_strings), pad_id=pad_id)
+  except ValueError as e:   # SamplingConfig names the field; say where it lives in the config
+    raise ConfigError(f"config.sampling: {e}") from None
 
 
 def load_teacher_index(cfg, loader_rows):
@@ -112,11 +125,8 @@ class Run:
     # own groups, so judge throughput grows with the hosts and no rollout text crosses hosts before it.
     self.block, self.blocks = hosts.batch_block(self.mesh)
     self.tok, self.model_cfg, params = policy_lib.load_policy(cfg.model, self.mesh, cfg.mesh, cfg.seed)
-    self.scfg = sampling.SamplingConfig(
-        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
-        max_new_tokens=cfg.sampling.max_new_tokens, n=cfg.sampling.n,
-        stop_token_ids=tuple(self.model_cfg.eos_token_ids), stop_strings=tuple(cfg.sampling.stop_strings),
-        pad_id=self.tok.pad_id or 0)
+    self.scfg = sampling_config(cfg, stop_token_ids=tuple(self.model_cfg.eos_token_ids),
+                                pad_id=self.tok.pad_id or 0)
     # Logprobs at the sampling temperature (the PPO old policy's), logits only over the response width.
     rl_cfg = dict(cfg.rl.to_dict(), logprob_temperature=cfg.sampling.temperature or 1.0,
                   logits_window=cfg.sampling.max_new_tokens)

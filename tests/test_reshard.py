@@ -84,6 +84,13 @@ def test_cache_split_over_slots_samples_the_same_tokens():
   ref = sampling.sample(params, ids, lengths, jax.random.key(4), CFG, scfg)
   got = sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg, mesh=mesh, cache_spec=spec)
   np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
-  with pytest.raises(ValueError, match="do not split over tensor"):
+  # A growing cache (room 4, then 8) keeps the slot split: 20 and 24 slots over 4 devices.
+  grown = sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg.replace(cache_grow_from=4),
+                          mesh=mesh, cache_spec=spec)
+  np.testing.assert_array_equal(np.asarray(grown.tokens_bt), np.asarray(ref.tokens_bt))
+  with pytest.raises(ValueError, match="does not split over tensor"):
     sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg.replace(max_new_tokens=7), mesh=mesh,
+                    cache_spec=spec)
+  with pytest.raises(ValueError, match="cache_grow_from=2"):   # 16 + 2 slots
+    sampling.sample(train, ids, lengths, jax.random.key(4), CFG, scfg.replace(cache_grow_from=2), mesh=mesh,
                     cache_spec=spec)

@@ -98,7 +98,7 @@ def test_cpu_feature_major_decode_equals_the_accelerator_layout(family, monkeypa
 def test_prompts_within_a_bucket_reuse_the_compiled_sampler():
   cfg, params, _ = _load("llama")
   scfg = SamplingConfig(greedy=True, max_new_tokens=8, stop_token_ids=())
-  compiled = lambda: sampling._prefill_jit._cache_size() + sampling._decode_jit._cache_size()  # noqa: E731
+  compiled = lambda: sampling._prefill_jit._cache_size() + sampling._decode_loop_jit._cache_size()  # noqa: E731
   _sample(params, cfg, scfg)
   before = compiled()
   _sample(params, cfg, scfg, prompts=[[4, 4, 4, 4, 4], [8, 9]])   # other lengths, same bucket (16)
@@ -257,6 +257,53 @@ def test_length_sorted_prefill_groups_equal_one_padded_prefill(monkeypatch):
   np.testing.assert_allclose(np.asarray(grouped.logprobs_bt), np.asarray(one.logprobs_bt), atol=1e-5)
 
 
+def _spy_cache_growth(monkeypatch) -> list:
+  """Records the slot count of every cache growth."""
+  slots = []
+  real_grow = sampling._grow_jit
+
+  def spy(kv, new_slots, *a, **kw):
+    slots.append(new_slots)
+    return real_grow(kv, new_slots, *a, **kw)
+
+  monkeypatch.setattr(sampling, "_grow_jit", spy)
+  return slots
+
+
+def test_growing_cache_samples_what_one_full_cache_does(monkeypatch):
+  cfg, params, _ = _load("qwen3")
+  scfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=11, n=2, stop_token_ids=())
+  assert scfg.replace(cache_grow_from=2).cache_capacities == (2, 4, 8, 11)
+  assert scfg.replace(cache_grow_from=0).cache_capacities == (11,)
+  assert scfg.replace(cache_grow_from=16).cache_capacities == (11,)
+  full = _sample(params, cfg, scfg.replace(cache_grow_from=0), seed=3)
+  grown_to = _spy_cache_growth(monkeypatch)
+  grown = _sample(params, cfg, scfg.replace(cache_grow_from=2), seed=3)
+  assert grown_to == [16 + 4, 16 + 8, 16 + 11]   # prompt bucket 16, then room for 4, 8, 11 new tokens
+  for name in ("tokens_bt", "lengths_b", "finished_b", "group_b"):
+    np.testing.assert_array_equal(np.asarray(getattr(grown, name)), np.asarray(getattr(full, name)))
+  np.testing.assert_allclose(np.asarray(grown.logprobs_bt), np.asarray(full.logprobs_bt), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grown.policy_logprobs_bt), np.asarray(full.policy_logprobs_bt),
+                             atol=1e-5)
+
+
+def test_cache_stops_growing_once_every_row_has_stopped(monkeypatch):
+  cfg, params, g = _load("qwen3")
+  greedy = g["greedy"][:, 6:]
+  stops = (int(greedy[0, 2]), int(greedy[1, 2]))      # both rows end within their first 3 tokens
+  scfg = SamplingConfig(greedy=True, max_new_tokens=10, stop_token_ids=stops, cache_grow_from=4)
+  grown_to = _spy_cache_growth(monkeypatch)
+  ro = sampling.sample(params, g["prompt"], np.full(2, 6), jax.random.key(0), cfg, scfg)
+  assert grown_to == []
+  assert np.asarray(ro.finished_b).all() and (np.asarray(ro.lengths_b) <= 3).all()
+  # A row still running at the end of the room grows the cache: stop only on row 0's token.
+  ro = sampling.sample(params, g["prompt"], np.full(2, 6), jax.random.key(0), cfg,
+                       scfg.replace(stop_token_ids=(int(greedy[0, 2]),)))
+  n1 = int(np.asarray(ro.lengths_b)[1])
+  np.testing.assert_array_equal(np.asarray(ro.tokens_bt)[1, :n1], greedy[1, :n1])
+  assert grown_to == ([16 + 8, 16 + 10] if n1 > 8 else [16 + 8]) and n1 > 4
+
+
 def test_stop_tokens_end_rows_and_pad_the_rest():
   cfg, params, g = _load("qwen3")
   greedy = g["greedy"][:, 6:]
@@ -311,7 +358,7 @@ def test_sharded_equals_unsharded_token_for_token(shape, axes):
   scfg = SamplingConfig(temperature=0.9, top_p=0.9, max_new_tokens=6, n=2, stop_token_ids=())
   ref = _sample(params, cfg, scfg, prompts=prompts, seed=7)
   mesh = jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-  got = _sample(params, cfg, scfg, prompts=prompts, seed=7, mesh=mesh)
+  got = _sample(params, cfg, scfg.replace(cache_grow_from=2), prompts=prompts, seed=7, mesh=mesh)
   assert got.tokens_bt.shape == (6, 6)
   np.testing.assert_array_equal(np.asarray(got.tokens_bt), np.asarray(ref.tokens_bt))
   np.testing.assert_array_equal(np.asarray(got.lengths_b), np.asarray(ref.lengths_b))
@@ -323,7 +370,8 @@ def test_sharded_equals_unsharded_token_for_token(shape, axes):
 
 @pytest.mark.parametrize("kw,field", [({"n": 0}, "n="), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
                                       ({"temperature": -0.5}, "temperature"), ({"top_k": -1}, "top_k"),
-                                      ({"max_new_tokens": 0}, "max_new_tokens")])
+                                      ({"max_new_tokens": 0}, "max_new_tokens"),
+                                      ({"cache_grow_from": -1}, "cache_grow_from")])
 def test_bad_sampling_config_names_the_field(kw, field):
   with pytest.raises(ValueError, match=field):
     SamplingConfig(**kw)

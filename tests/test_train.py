@@ -185,6 +185,10 @@ def test_bad_structure_errors(tmp_path):
     train_lib.preflight(_cfg(**{"sampling.n": 1}), str(tmp_path))
   with pytest.raises(train_lib.ConfigError, match="rl.num_minibatches=3"):
     train_lib.preflight(_cfg(**{"rl.num_minibatches": 3}), str(tmp_path))
+  with pytest.raises(train_lib.ConfigError, match="config.sampling: .*cache_grow_from=-1"):
+    train_lib.preflight(_cfg(**{"sampling.cache_grow_from": -1}), str(tmp_path))
+  with pytest.raises(train_lib.ConfigError, match="config.sampling: .*top_p=1.5"):
+    train_lib.preflight(_cfg(**{"sampling.top_p": 1.5}), str(tmp_path))
 
 
 def test_cli_unknown_config_key_is_a_clear_error(tmp_path):
