@@ -4,6 +4,7 @@
     python bench/sampler.py --top_p=0.95    # the same with nucleus sampling on both sides
     python bench/sampler.py --cores=1       # XLA and torch pinned to one core each (shared machines)
     python bench/sampler.py --breakdown     # + our prefill alone, one decode step, one draw
+    python bench/sampler.py --roofline      # + the workload's FLOPs against this machine's peak matmul rate
     python bench/sampler.py --gpu-shape     # Qwen3-0.6B shape, random bf16, 256 rollouts, 128 prompt + 256 new
     python bench/sampler.py --gpu-shape --n=8 --hf_batch=64   # GRPO groups (32 prompts x 8), HF at batch 64
 
@@ -47,6 +48,9 @@ def _args(argv=None):
   p.add_argument("--skip_hf", action="store_true", help="time our sampler only")
   p.add_argument("--breakdown", action="store_true",
                  help="also time our prefill alone, one decode step (model only) and one draw")
+  p.add_argument("--roofline", action="store_true",
+                 help="also count the call's FLOPs and time a large float32 matmul: the time no sampler on "
+                      "these cores can beat, and the share of peak that a 3x-transformers call would need")
   p.add_argument("--hf_batch", type=int, default=None, help="transformers batch (default: same as ours)")
   p.add_argument("--hf_static", action="store_true", help="transformers cache_implementation='static'")
   p.add_argument("--hf_threads", type=int, nargs="+", default=None,
@@ -211,6 +215,42 @@ def _breakdown(cfg, params, prompts, args, whole_s):
         f"lm_head alone {head_ms:.2f} ms), draw alone {draw_ms:.2f} ms")
 
 
+def workload_flops(cfg, prompt_lens, new: int, n: int) -> float:
+  """Matmul FLOPs of one call with no padding: each prompt token through every layer, each prompt's
+  last hidden state through the vocab projection, then new - 1 decode steps of n rows per prompt (the
+  layers and the vocab projection); attention counts q.K and probs.V over the positions so far."""
+  d, e, f, layers = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+  per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * e + cfg.num_heads * e * d + 3 * d * f
+  head = cfg.vocab_size * d
+  attn = lambda ctx: 4 * cfg.num_heads * e * ctx * layers   # noqa: E731  per token, at `ctx` positions
+  flops = 0.0
+  for plen in prompt_lens:
+    flops += plen * 2 * per_layer * layers + sum(attn(p + 1) for p in range(plen)) + 2 * head
+    flops += n * sum(2 * (per_layer * layers + head) + attn(plen + t + 1) for t in range(new - 1))
+  return flops
+
+
+def _roofline(cfg, prompts, args, times):
+  """Peak float32 matmul rate on these cores (XLA, 2048^3, best of 5) and what it means for this call."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048), np.float32))
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, a))
+  peak = 2 * 2048 ** 3 / min(_timed(lambda: jax.block_until_ready(mm(a, a))) for _ in range(5))
+  flops = workload_flops(cfg, [len(p) for p in prompts], args.new, args.n)
+  floor = flops / peak
+  ours = min(times["ours"])
+  print(f"roofline: {flops / 1e9:,.0f} GFLOP per call (no padding); peak float32 matmul here "
+        f"{peak / 1e9:.1f} GFLOP/s -> no call can take less than {floor:.2f}s; ours {ours:.2f}s = "
+        f"{flops / ours / 1e9:.1f} GFLOP/s ({floor / ours:.0%} of peak)")
+  hf_names = [name for name in times if name != "ours"]
+  if hf_names:
+    hf = min(min(times[name]) for name in hf_names)
+    print(f"roofline: 3x the best transformers call is {hf / 3:.2f}s: {floor / (hf / 3):.0%} of peak, "
+          f"sustained over prefill, decode and the draw")
+
+
 def _fmt(times):
   return f"best {min(times):.3f}s, median {statistics.median(times):.3f}s over {len(times)}"
 
@@ -277,6 +317,8 @@ def main(argv=None):
           f"{new_tokens / statistics.median(ts):,.1f} (median)")
   if args.breakdown:
     _breakdown(cfg, params, prompts, args, min(times["ours"]))
+  if args.roofline:
+    _roofline(cfg, prompts, args, times)
   hf_names = [name for name in times if name != "ours"]
   if hf_names:
     best = min(hf_names, key=lambda name: min(times[name]))

@@ -16,6 +16,10 @@ from ropd_jax import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 400
+# Every run grows its KV cache (room 4, 8, 16 new tokens), so growth is exercised across hosts and on
+# resume. Not against a full-cache run: on a random model's near-uniform 49k-token distribution a 1e-6
+# difference in attention sums can flip one sampled token (test_sampling checks growth == full cache).
+GROW = "--config.sampling.cache_grow_from=4"
 
 
 def _free_port() -> int:
@@ -80,7 +84,7 @@ def _artifact_answers(workdir, step):
 @pytest.fixture(scope="module")
 def one_host(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("one_host"))
-  _ok(_train(workdir, 1))
+  _ok(_train(workdir, 1, GROW))
   return workdir
 
 
@@ -88,7 +92,7 @@ def test_two_hosts_train_like_one_and_resume_on_one(one_host, tmp_path):
   # Steps 0-1 on two hosts (a checkpoint after step 1), then steps 2-3 resumed on one host. The two
   # hosts form a multislice mesh, one process per slice (data = 2 over DCN x 4 within a host).
   workdir = str(tmp_path / "run")
-  runs = _train(workdir, 2, "--config.total_steps=2", "--config.mesh.dcn_data=2")
+  runs = _train(workdir, 2, "--config.total_steps=2", "--config.mesh.dcn_data=2", GROW)
   _ok(runs)
   assert os.path.getsize(os.path.join(workdir, "metrics.jsonl")) > 0
   want = _metrics(one_host)
@@ -99,7 +103,7 @@ def test_two_hosts_train_like_one_and_resume_on_one(one_host, tmp_path):
   # Both hosts ran the same steps and print the same summary.
   assert all('"steps": 2' in r.stdout for r in runs)
 
-  _ok(_train(workdir, 1))   # same command, one host: resumes at step 2
+  _ok(_train(workdir, 1, GROW))   # same command, one host: resumes at step 2
   _same_metrics(_metrics(workdir), want)
   for step in (2, 3):
     assert _artifact_answers(workdir, step) == _artifact_answers(one_host, step)
