@@ -6,8 +6,9 @@
 
 Rollouts end where they end: SmolLM2 at its own end-of-turn token; the random --gpu-shape model at any of
 `--stop_frac` of the vocabulary (a geometric length distribution with a long tail, as real rollouts have).
-Both sides sample the same rows with the same seed; the only difference is `SamplingConfig.cache_grow_from`: attention reads and cache memory follow the
-longest live rollout, or always cover `max_new_tokens`. Attention over a wider cache sums its (masked,
+Both sides sample the same rows with the same seed; the only difference is
+`SamplingConfig.cache_grow_from`: attention reads and cache memory follow the longest live rollout, or
+always cover `max_new_tokens`. Attention over a wider cache sums its (masked,
 zero) slots in another order, so logits agree to float32 rounding, not bit for bit: now and then a draw
 whose uniform lands within rounding of a CDF edge picks the neighbouring token, and that row goes its own
 way from there. The bench checks that the log-probs agree (<= 1e-3) up to each row's first differing
